@@ -1,0 +1,212 @@
+"""Evaluate a base model (+ optional LoRA adapter) on the 20-candidate test rows (spec §7).
+
+    python inference.py --resume_from_checkpoint output/sft/final_checkpoint --output_dir output/eval_sft
+
+Three views of the same rows, all named with their candidate protocol:
+  generative   greedy decoding, <= 20 new tokens; ValidRatio, HR@1 (all rows), HR@1 over valid rows;
+  constrained  greedy decoding that may only spell one of the row's candidates (a token trie);
+  ranking      every candidate scored by its summed answer log-prob (prompt encoded once); HR@K, NDCG@K, MRR;
+  popularity   of the ranking's top-1 vs. the targets.
+Writes output_dir/metrics.json and output_dir/predictions.jsonl (whole files or nothing). Under torchrun the
+rows are sharded over processes and merged, giving the same metrics as one process.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import modeling  # sets the offline environment first
+import data_interface as di
+import metrics as M
+import scoring
+
+
+def dist_info():
+    """(rank, world_size); initialises torch.distributed when launched with several processes."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if modeling.use_cuda() else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if world > 1 else (0, 1)
+
+
+class CandidateTrie:
+    """Allowed next tokens when decoding may only spell one of the candidates' answer token sequences."""
+
+    def __init__(self, sequences: list[list[int]]):
+        self.root: dict = {}
+        for seq in sequences:
+            node = self.root
+            for t in seq:
+                node = node.setdefault(t, {})
+
+    def allowed(self, prefix: list[int]) -> list[int]:
+        node = self.root
+        for t in prefix:
+            node = node.get(t)
+            if node is None:
+                return []
+        return list(node)
+
+
+def generate(model, tokenizer, prompt_ids, max_new_tokens, tries=None):
+    """Greedy decoding of a batch (left padding). With `tries`, each row may only spell a candidate."""
+    import torch
+
+    width = max(map(len, prompt_ids))
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompt_ids])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids])
+    device = next(model.parameters()).device
+    kwargs = {}
+    if tries is not None:
+        eos = tokenizer.eos_token_id
+
+        def allowed(batch_id, sent):
+            nxt = tries[batch_id].allowed(sent[width:].tolist())
+            return nxt or [eos]
+
+        kwargs["prefix_allowed_tokens_fn"] = allowed
+    with torch.no_grad():
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                             max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+                             num_beams=1, **kwargs)
+    return [tokenizer.decode(o[width:], skip_special_tokens=True).strip() for o in out]
+
+
+def main(
+    base_model: str = "tiny",              # 'tiny', 'smollm2-135m', or a local HF model folder
+    dataset: str = "lastfm",
+    resume_from_checkpoint: str = None,    # LoRA adapter folder to evaluate (None = the base model)
+    output_dir: str = "output/inference",
+    protocol: str = "clean",               # 'clean' (default) or 'sdpo' (published candidates; they leak)
+    split: str = "test",
+    max_test_samples: int = -1,            # first N rows (-1 = all)
+    batch_size: int = 16,
+    seed: int = 0,                         # seeds the `clean` candidates and the prompt templates
+    generative: bool = True,               # run unconstrained greedy decoding
+    constrained: bool = True,              # run candidate-constrained greedy decoding
+    ranking: bool = True,                  # score the 20 candidates
+    scoring_mode: str = "shared",          # 'shared' (prompt encoded once) or 'naive' (prompt per answer)
+    max_new_tokens: int = 20,
+    quantize: str = "auto",
+    progress: bool = True,
+):
+    import torch
+    from tqdm import tqdm
+
+    rank, world = dist_info()
+    di.check_protocol(protocol)
+    if scoring_mode not in ("shared", "naive"):
+        raise di.DataError(f"--scoring_mode {scoring_mode!r}: choose shared or naive")
+    catalog = di.load_catalog(dataset)
+    rows = di.eval_rows(catalog, split, protocol, seed, max_test_samples)
+    model, tokenizer, info = modeling.load_base_model(base_model, dataset, quantize=quantize, for_training=False)
+    if resume_from_checkpoint:
+        model = modeling.load_adapter(model, resume_from_checkpoint, trainable=False)
+    model.eval()
+    mine = rows[rank::world]
+    preds = []
+    t0 = time.time()
+    bar = tqdm(total=len(mine), desc=f"eval[{protocol}]", disable=not progress or rank != 0, file=sys.stdout)
+    for i in range(0, len(mine), batch_size):
+        batch = mine[i:i + batch_size]
+        enc = [modeling.encode_prompt_answers(tokenizer, r["prompt"],
+                                              [di.answer_text(catalog, c) for c in r["candidate_ids"]])
+               for r in batch]
+        prompt_ids = [p for p, _ in enc]
+        recs = [{"index": r["index"], "target_id": r["target_id"], "candidate_ids": r["candidate_ids"]}
+                for r in batch]
+        if ranking:
+            with torch.no_grad():
+                s = scoring.answer_logps(model, prompt_ids, [a for _, a in enc], shared=scoring_mode == "shared",
+                                         pad_token_id=tokenizer.pad_token_id)
+            for rec, sc in zip(recs, s.float().cpu().tolist()):
+                rec["scores"] = sc
+        if generative:
+            for rec, out in zip(recs, generate(model, tokenizer, prompt_ids, max_new_tokens)):
+                rec["generated"] = out
+        if constrained:
+            tries = [CandidateTrie(a) for _, a in enc]
+            for rec, out in zip(recs, generate(model, tokenizer, prompt_ids, max_new_tokens, tries)):
+                rec["constrained"] = out
+        preds.extend(recs)
+        bar.update(len(batch))
+    bar.close()
+    elapsed = time.time() - t0
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered = [None] * world
+        dist.all_gather_object(gathered, preds)
+        preds = [p for part in gathered for p in part]
+        times = [None] * world
+        dist.all_gather_object(times, elapsed)
+        elapsed = max(times)
+    preds.sort(key=lambda p: p["index"])
+    if rank != 0:
+        return None
+    result = summarise(catalog, preds, protocol, split)
+    result.update({"model": info, "adapter": resume_from_checkpoint, "scoring_mode": scoring_mode,
+                   "seconds": round(elapsed, 1), "processes": world})
+    out = Path(output_dir)
+    di.atomic_write_text(out / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in preds))
+    di.atomic_write_text(out / "metrics.json", json.dumps(result, indent=2))
+    print(metrics_table([(resume_from_checkpoint or base_model, result)]))
+    print(f"wrote {out / 'metrics.json'} and predictions.jsonl ({len(preds)} rows, {elapsed:.0f}s)")
+    return result
+
+
+def summarise(catalog, preds, protocol, split) -> dict:
+    """Metrics from per-row predictions (adds each row's predicted ids in place)."""
+    names = catalog.names
+    result = {"n_rows": len(preds), "protocol": protocol, "split": split}
+    cand_names = [[names[c] for c in p["candidate_ids"]] for p in preds]
+    target_pos = [p["candidate_ids"].index(p["target_id"]) for p in preds]
+    for key in ("generated", "constrained"):
+        if preds and key in preds[0]:
+            m, pos = M.generative_metrics([p[key] for p in preds], cand_names, target_pos)
+            result["generative" if key == "generated" else "constrained"] = m
+            for p, j in zip(preds, pos):
+                p[key + "_id"] = None if j is None else p["candidate_ids"][j]
+    if preds and "scores" in preds[0]:
+        m, top1 = M.candidate_metrics([p["scores"] for p in preds], [p["candidate_ids"] for p in preds],
+                                      [p["target_id"] for p in preds], di.target_popularity(catalog))
+        result.update(m)
+        for p, t in zip(preds, top1):
+            p["top1_id"] = t
+    return result
+
+
+TABLE_COLUMNS = [("protocol", "protocol"), ("rows", "n_rows"), ("rank HR@1", "ranking.hr@1"),
+                 ("HR@5", "ranking.hr@5"), ("NDCG@5", "ranking.ndcg@5"), ("MRR", "ranking.mrr"),
+                 ("gen HR@1", "generative.hr@1"), ("ValidRatio", "generative.valid_ratio"),
+                 ("constr HR@1", "constrained.hr@1"), ("top1 pop%", "popularity.top1_popularity_pct"),
+                 ("tail HR@1", "popularity.hr@1_tail")]
+
+
+def flatten(d: dict, prefix="") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def metrics_table(results: list[tuple[str, dict]]) -> str:
+    return M.format_table([(label, flatten(r)) for label, r in results], TABLE_COLUMNS)
+
+
+if __name__ == "__main__":
+    import fire
+
+    try:
+        fire.Fire(main, serialize=lambda _: None)
+    except (di.DataError, modeling.ModelError) as e:
+        sys.exit(f"error: {e}")

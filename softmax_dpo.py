@@ -1,0 +1,116 @@
+"""Stage 2b — S-DPO and NAPO (NAPO by default, spec §8 values).
+
+    python softmax_dpo.py --resume_from_checkpoint output/sft/final_checkpoint --output_dir output/napo
+
+Flags switch NAPO's pieces off:
+    --share_negatives False --margin_mode none --reference True     plain S-DPO (K negatives, softmax loss)
+    --num_negatives 1 --share_negatives False --margin_mode none --reference True    = DPO
+The SASRec behind sharing and the margin is trained once per dataset and cached (or --sasrec_checkpoint).
+Sharing works within one forward's global batch: per-device batch x processes (gradient accumulation
+does not enlarge it).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import modeling  # sets the offline environment first
+import data_interface as di
+
+
+def main(
+    base_model: str = "tiny",
+    dataset: str = "lastfm",
+    resume_from_checkpoint: str = None,  # the SFT adapter to start from, or a checkpoint-N of this run to continue
+    output_dir: str = "output/napo",
+    protocol: str = "clean",
+    batch_size: int = 16,                # per-device batch; the sharing pool is the global batch
+    gradient_accumulation_steps: int = 1,
+    learning_rate: float = 1e-4,         # spec §8 uses 1e-5 for 7B models
+    num_train_epochs: int = 1,
+    beta: float = 1.0,
+    num_negatives: int = 3,              # K (1..19)
+    share_negatives: bool = True,
+    rho: float = 0.7,
+    margin_mode: str = "user",           # user | batch | none
+    gamma0: float = 1.0,
+    alpha: float = 0.3,
+    momentum: float = 0.9,
+    clamp_margin: bool = True,
+    reference: bool = False,             # False: reference-free rewards (authors' NAPO); True: S-DPO style
+    precompute_ref_log_probs: bool = False,
+    shared_scoring: bool = True,         # encode each prompt once (False: naive concatenation, for checks)
+    sasrec_checkpoint: str = None,       # a sasrec folder; default: train once per dataset and cache
+    cutoff_len: int = 512,
+    max_train_samples: int = -1,
+    seed: int = 0,
+    report_to: str = "none",
+    warmup_ratio: float = 0.05,
+    lr_scheduler_type: str = "cosine",
+    max_grad_norm: float = 0.3,
+    logging_steps: int = 10,
+    save_steps: int = 0,
+    max_steps: int = -1,                 # stop after N optimizer steps (-1 = the whole run)
+    quantize: str = "auto",
+):
+    from datasets import Dataset
+    from transformers import set_seed
+    from trl import DPOConfig
+
+    from napo_trainer import NAPOConfig, NAPOTrainer
+
+    set_seed(seed)
+    di.check_protocol(protocol)
+    napo = NAPOConfig(num_negatives=num_negatives, beta=beta, reference=reference, share_negatives=share_negatives,
+                      rho=rho, margin_mode=margin_mode, gamma0=gamma0, alpha=alpha, momentum=momentum,
+                      clamp_margin=clamp_margin, shared_scoring=shared_scoring)
+    napo.validate()
+    if precompute_ref_log_probs and not reference:
+        raise di.DataError("--precompute_ref_log_probs True needs --reference True")
+    start, ckpt = modeling.resolve_start(resume_from_checkpoint, output_dir)
+    catalog = di.load_catalog(dataset)
+    sasrec = None
+    if napo.needs_sasrec:
+        import sasrec as sr
+
+        sasrec = (sr.load_sasrec(sasrec_checkpoint, catalog) if sasrec_checkpoint
+                  else sr.get_or_train_sasrec(dataset))
+        if sasrec.config["n_items"] != catalog.n_items:
+            raise di.DataError(f"SASRec has {sasrec.config['n_items']} items, dataset {catalog.name} has "
+                               f"{catalog.n_items}")
+    rows = di.preference_rows(catalog, "train", protocol, num_negatives, seed, num_train_epochs, max_train_samples)
+    train = Dataset.from_list(rows)
+    model, tokenizer, info = modeling.load_policy(base_model, dataset, start, quantize)
+    args = DPOConfig(
+        output_dir=output_dir, per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps, learning_rate=learning_rate,
+        num_train_epochs=1, max_steps=max_steps, beta=beta, max_length=cutoff_len,
+        precompute_ref_log_probs=precompute_ref_log_probs,
+        lr_scheduler_type=lr_scheduler_type, warmup_steps=warmup_ratio, max_grad_norm=max_grad_norm,
+        logging_steps=logging_steps, save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
+        report_to=report_to, seed=seed, data_seed=seed, **modeling.training_precision_kwargs(info))
+    trainer = NAPOTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer, napo=napo,
+                          sasrec=sasrec, pad_item_id=catalog.pad_id)
+    modeling.record_start(output_dir, start, trainer.is_world_process_zero())
+    trainer.train(resume_from_checkpoint=ckpt)
+    final = Path(output_dir) / "final_checkpoint"
+    if trainer.is_world_process_zero():
+        trainer.model.save_pretrained(final, selected_adapters=["default"])
+        tokenizer.save_pretrained(final)
+        run = {"stage": "napo" if napo.needs_sasrec else "sdpo", "protocol": protocol, "dataset": catalog.name,
+               "model": info, "napo": asdict(napo), "start_adapter": str(start), "train_rows": len(train),
+               "epochs": num_train_epochs, "seed": seed, "M_bar": trainer.M_bar,
+               "log_history": trainer.state.log_history}
+        di.atomic_write_text(final / "napo_run.json", json.dumps(run, indent=2))
+        print(f"saved adapter to {final}")
+
+
+if __name__ == "__main__":
+    import fire
+
+    try:
+        fire.Fire(main, serialize=lambda _: None)
+    except (di.DataError, modeling.ModelError, ValueError) as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,39 @@
+"""Shared test fixtures: small models built locally into a temporary cache (never the user's .cache)."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Tests build small models from the dataset in seconds (a 60-step domain pretraining, so the embeddings
+# carry item popularity); item-token and pure-BPE variants.
+SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=128, pretrain_epochs=1, pretrain_max_steps=60)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    os.environ["NAPO_CACHE"] = str(tmp_path_factory.mktemp("napo_cache"))
+    yield
+
+
+@pytest.fixture(scope="session")
+def small_model(tmp_path_factory):
+    """A 2-layer Llama + item-token tokenizer for LastFM (briefly pretrained), as a local model folder."""
+    import modeling
+
+    return str(modeling.build_tiny("lastfm", tmp_path_factory.mktemp("small_model"), **SMALL))
+
+
+@pytest.fixture(scope="session")
+def small_bpe_model(tmp_path_factory):
+    """The same without whole-title tokens: every title spans several BPE tokens, as in real LLMs."""
+    import modeling
+
+    return str(modeling.build_tiny("lastfm", tmp_path_factory.mktemp("small_bpe"), item_tokens=False, **SMALL))
