@@ -55,7 +55,9 @@ def main(
         num_train_epochs=1, beta=beta, loss_type="sigmoid", max_length=cutoff_len,
         lr_scheduler_type=lr_scheduler_type, warmup_steps=warmup_ratio, max_grad_norm=max_grad_norm,
         logging_steps=logging_steps, save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
-        report_to=report_to, seed=seed, data_seed=seed, **modeling.training_precision_kwargs(info))
+        report_to=report_to, seed=seed, data_seed=seed,
+        ddp_find_unused_parameters=False,  # every LoRA weight is used each step; True breaks checkpointing
+        **modeling.training_precision_kwargs(info))
     trainer = DPOTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
     modeling.record_start(output_dir, start, trainer.is_world_process_zero())
     trainer.train(resume_from_checkpoint=ckpt)

@@ -7,8 +7,9 @@ Three views of the same rows, all named with their candidate protocol:
   constrained  greedy decoding that may only spell one of the row's candidates (a token trie);
   ranking      every candidate scored by its summed answer log-prob (prompt encoded once); HR@K, NDCG@K, MRR;
   popularity   of the ranking's top-1 vs. the targets.
-Writes output_dir/metrics.json and output_dir/predictions.jsonl (whole files or nothing). Under torchrun the
-rows are sharded over processes and merged, giving the same metrics as one process.
+Writes output_dir/metrics.json and output_dir/predictions.jsonl (whole files or nothing). Under torchrun (or
+accelerate launch) the batches are dealt out over the processes and merged on rank 0, which writes the files:
+the same predictions and metrics as one process (NPROC=2 bash inference.sh).
 """
 from __future__ import annotations
 
@@ -30,6 +31,10 @@ def dist_info():
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
+        if modeling.use_cuda():  # NCCL collectives (all_gather_object too) run on the current device
+            import torch
+
+            torch.cuda.set_device(modeling.local_rank())
         dist.init_process_group("nccl" if modeling.use_cuda() else "gloo")
     return (dist.get_rank(), dist.get_world_size()) if world > 1 else (0, 1)
 
@@ -109,12 +114,15 @@ def main(
     if resume_from_checkpoint:
         model = modeling.load_adapter(model, resume_from_checkpoint, trainable=False)
     model.eval()
-    mine = rows[rank::world]
+    # Shard whole batches, not rows: batch j (rows j*batch_size ...) goes to process j % world. Every batch then
+    # holds the same rows, padded the same way, as with one process, so scores and greedy outputs are
+    # computed identically and the merged metrics equal the one-process metrics exactly.
+    batches = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)][rank::world]
     preds = []
     t0 = time.time()
-    bar = tqdm(total=len(mine), desc=f"eval[{protocol}]", disable=not progress or rank != 0, file=sys.stdout)
-    for i in range(0, len(mine), batch_size):
-        batch = mine[i:i + batch_size]
+    bar = tqdm(total=sum(map(len, batches)), desc=f"eval[{protocol}]", disable=not progress or rank != 0,
+               file=sys.stdout)
+    for batch in batches:
         enc = [modeling.encode_prompt_answers(tokenizer, r["prompt"],
                                               [di.answer_text(catalog, c) for c in r["candidate_ids"]])
                for r in batch]

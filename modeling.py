@@ -385,7 +385,9 @@ def training_precision_kwargs(info: dict | None = None) -> dict:
         if info and info.get("quantized_4bit"):
             kw["optim"] = "paged_adamw_32bit"
         return kw
-    return dict(bf16=False, activation_checkpointing=False, dataloader_pin_memory=False)
+    # use_cpu: without it, accelerate sees LOCAL_RANK (torchrun) but no GPU and falls back to a
+    # non-distributed state, so every process would train on all rows and save alone (no DDP, no gloo).
+    return dict(bf16=False, activation_checkpointing=False, dataloader_pin_memory=False, use_cpu=True)
 
 
 def build(dataset="lastfm", base_model="tiny"):

@@ -248,9 +248,31 @@ class NAPOTrainer(DPOTrainer):
                                         pad_token_id=self.processing_class.pad_token_id)
 
     def compute_ref_log_probs(self, model, inputs):
-        """(chosen (B,), rejected (B,K)): used by TRL's precompute_ref_log_probs pass."""
+        """(chosen (B,), rejected (B,K)): used by the precompute_ref_log_probs pass."""
         ref = self._reference_logps(*unpack(inputs))
         return ref[:, 0], ref[:, 1:]
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        """The precompute_ref_log_probs pass, kept in memory. TRL's version writes the result to a cache file
+        named after the dataset; our datasets live in memory, so that file lands in a per-process temporary
+        folder and under torchrun the other ranks cannot open rank 0's file. Here every rank scores its shard
+        of the (unshuffled) rows, gathers all shards back in dataset order, and adds the two columns itself."""
+        from torch.utils.data import DataLoader
+
+        loader = self.accelerator.prepare(DataLoader(
+            dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False,
+            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory))
+        chosen, rejected = [], []
+        for batch in loader:
+            c, r = self.compute_ref_log_probs(None, batch)
+            c, r = self.accelerator.gather_for_metrics((c, r))  # rank order = dataset order; padding dropped
+            chosen.append(c.float().cpu())
+            rejected.append(r.float().cpu())
+        chosen, rejected = torch.cat(chosen), torch.cat(rejected)
+        if len(chosen) != len(dataset):
+            raise RuntimeError(f"reference log-probs for {len(chosen)} {name} rows, the dataset has {len(dataset)}")
+        return (dataset.add_column("ref_chosen_logps", chosen.tolist())
+                .add_column("ref_rejected_logps", rejected.tolist()))
 
     # -- loss ----------------------------------------------------------------------------------------
     def _compute_loss(self, model, inputs, return_outputs=False):
@@ -269,15 +291,14 @@ class NAPOTrainer(DPOTrainer):
         chosen_r, rej_r = r[:, 0], r[:, 1:]
         losses, stats, M_bar = napo_objective(
             chosen_r, rej_r, inputs["negative_ids"], inputs["target_id"], inputs["history_ids"], cfg,
-            self.sasrec, self.M_bar if mode == "train" else (self.M_bar if self.M_bar is not None else None),
-            self.pad_item_id)
+            self.sasrec, self.M_bar, self.pad_item_id)  # eval batches never move the trainer's running mean
         if mode == "train":
             self.M_bar = M_bar
         loss = losses.mean()
-        self._log_metrics(mode, chosen_r, rej_r, logps, stats)
+        self._log_metrics(mode, chosen_r, rej_r, logps, stats, M_bar)
         return (loss, {"losses": losses}) if return_outputs else loss
 
-    def _log_metrics(self, mode, chosen_r, rej_r, logps, stats):
+    def _log_metrics(self, mode, chosen_r, rej_r, logps, stats, M_bar):
         g = self.accelerator.gather_for_metrics
         m = self._metrics[mode]
         cr, rr = g(chosen_r.detach()), g(rej_r.detach())
@@ -296,7 +317,7 @@ class NAPOTrainer(DPOTrainer):
         if "S_mean" in stats:
             m["napo/S_mean"].append(g(stats["S_mean"]).mean().item())
             m["napo/gamma_clamped"].append(g(stats["clamped"]).mean().item())
-            m["napo/M_bar"].append(float(self.M_bar))
+            m["napo/M_bar"].append(float(M_bar))
 
     # -- checkpoints keep the running mean, so a resumed run continues exactly ------------------------
     def _save_checkpoint(self, model, trial):

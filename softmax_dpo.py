@@ -90,7 +90,9 @@ def main(
         precompute_ref_log_probs=precompute_ref_log_probs,
         lr_scheduler_type=lr_scheduler_type, warmup_steps=warmup_ratio, max_grad_norm=max_grad_norm,
         logging_steps=logging_steps, save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
-        report_to=report_to, seed=seed, data_seed=seed, **modeling.training_precision_kwargs(info))
+        report_to=report_to, seed=seed, data_seed=seed,
+        ddp_find_unused_parameters=False,  # every LoRA weight is used each step; True breaks checkpointing
+        **modeling.training_precision_kwargs(info))
     trainer = NAPOTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer, napo=napo,
                           sasrec=sasrec, pad_item_id=catalog.pad_id)
     modeling.record_start(output_dir, start, trainer.is_world_process_zero())
