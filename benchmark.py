@@ -215,6 +215,42 @@ def _load_sasrec(task, catalog):
     return sr.get_or_train_sasrec(task["dataset"])
 
 
+def plain_sft_loop(task, model, tokenizer, rows):
+    """A lean SFT step without TRL, as a stricter baseline: the same LoRA (dropout off, as the preference
+    trainers run), `model(input_ids, attention_mask, labels)` with labels on the answer tokens only (the HF
+    causal-LM loss: full-vocabulary logits), gradient clipping and AdamW. Rows in order, batches of B.
+    Returns the step end times (first = start) and the mean loss."""
+    import torch
+    from peft import get_peft_model
+
+    import modeling
+    import sft
+
+    torch.manual_seed(task["seed"])
+    model = get_peft_model(model, modeling.lora_config(dropout=0.0))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    data = sft.tokenized_sft_dataset(tokenizer, [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows],
+                                     task["cutoff_len"], "benchmark")
+    B, pad = task["batch_size"], tokenizer.pad_token_id
+    marks, losses = [time.perf_counter()], []
+    for i in range(0, len(data), B):
+        ids, keep = data[i:i + B]["input_ids"], data[i:i + B]["completion_mask"]
+        width = max(map(len, ids))
+        x = torch.tensor([s + [pad] * (width - len(s)) for s in ids])
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in ids])
+        labels = torch.tensor([[t if k else -100 for t, k in zip(s, m)] + [-100] * (width - len(s))
+                               for s, m in zip(ids, keep)])
+        loss = model(input_ids=x, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 0.3)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        marks.append(time.perf_counter())
+    return marks, sum(losses) / len(losses)
+
+
 def measure_training(task) -> dict:
     import gc
 
@@ -224,18 +260,23 @@ def measure_training(task) -> dict:
     gc.collect()
     baseline = current_rss_mb()
     reset_ok = reset_peak_rss()
-    with tempfile.TemporaryDirectory(prefix="napo_bench_") as out_dir:
-        trainer = _build_trainer(task, catalog, model, tokenizer, info, rows, out_dir, sasrec)
-        timer = _step_timer()
-        trainer.add_callback(timer)
-        result = trainer.train()
+    if task["method"] == "sft_plain":
+        marks, loss = plain_sft_loop(task, model, tokenizer, rows)
+        how = "plain loop (no trainer)"
+    else:
+        with tempfile.TemporaryDirectory(prefix="napo_bench_") as out_dir:
+            trainer = _build_trainer(task, catalog, model, tokenizer, info, rows, out_dir, sasrec)
+            timer = _step_timer()
+            trainer.add_callback(timer)
+            loss = trainer.train().training_loss
+        marks, how = timer.marks, type(trainer).__name__
     peak = peak_rss_mb(reset_ok)
-    steps = [b - a for a, b in zip(timer.marks, timer.marks[1:])][task["warmup"]:]
+    steps = [b - a for a, b in zip(marks, marks[1:])][task["warmup"]:]
     if not steps:
         raise BenchmarkError(f"{task['method']}: no timed steps (rows {len(rows)}, warmup {task['warmup']})")
     return {"method": task["method"], "K": task["K"], "step_s": statistics.median(steps), "step_s_min": min(steps),
             "step_s_all": steps, "peak_rss_mb": peak, "baseline_rss_mb": baseline, "delta_rss_mb": peak - baseline,
-            "peak_reset": reset_ok, "train_loss": result.training_loss, "trainer": type(trainer).__name__}
+            "peak_reset": reset_ok, "train_loss": loss, "timed_with": how}
 
 
 def measure_ranking(task) -> dict:
@@ -339,7 +380,7 @@ def run_task(task: dict, verbose: bool) -> dict:
         return jsonlib.loads(rp.read_text())
 
 
-LABELS = {"sft": "SFT (TRL SFTTrainer)", "dpo": "DPO (TRL DPOTrainer)",
+LABELS = {"sft": "SFT (TRL SFTTrainer)", "sft_plain": "SFT plain loop (no TRL)", "dpo": "DPO (TRL DPOTrainer)",
           "napo_naive": "S-DPO/NAPO naive", "napo_shared": "NAPO shared"}
 
 
@@ -360,13 +401,13 @@ def render_markdown(res: dict) -> str:
              f"{cfg['n_rows']} train rows ({cfg['warmup']} warm-up + {cfg['steps']} timed steps, median); "
              f"NAPO: reference={cfg['reference']}, sharing on, margin `user`; timing via {res['timing']}.",
              f"Command: `{res['command']}`", "",
-             "| method | K | s/step (median) | s/step (min) | × SFT | peak RSS MB | Δ RSS MB | Δ × SFT |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| method | K | s/step (median) | s/step (min) | × SFT | peak RSS MB | Δ RSS MB | Δ × SFT | timed with |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in res["training"]:
         lines.append(f"| {LABELS[r['method']]} | {r['K'] if r['method'].startswith('napo') else '—'} | "
                      f"{r['step_s']:.3f} | {r['step_s_min']:.3f} | {_fmt(_ratio(r['step_s'], sft['step_s']), 2)} | "
                      f"{r['peak_rss_mb']:.0f} | {r['delta_rss_mb']:.0f} | "
-                     f"{_fmt(_ratio(r['delta_rss_mb'], sft['delta_rss_mb']), 2)} |")
+                     f"{_fmt(_ratio(r['delta_rss_mb'], sft['delta_rss_mb']), 2)} | {r['timed_with']} |")
     rk = res["ranking"]
     lines += ["", f"Ranking {rk['rows']} test rows × 20 candidates (batch {cfg['batch_size']}, no_grad; prompt ≈ "
                   f"{rk['prompt_tokens_mean']:.0f} tokens, answer ≈ {rk['answer_tokens_mean']:.1f}):", "",
@@ -386,6 +427,10 @@ def render_markdown(res: dict) -> str:
         lines.append(f"| {key} | {_fmt(t['value'], 2)} | {t['op']} {t['bound']} | {'yes' if t['pass'] else 'NO'} |")
     lines.append(f"| identical_ranking | {rk['identical_ranking']} | true | "
                  f"{'yes' if rk['identical_ranking'] else 'NO'} |")
+    ra = res["ratios"]
+    lines += ["", f"Against the plain SFT loop instead (stricter, informational): NAPO K=3 "
+                  f"{_fmt(ra['napo_k3_over_sft_plain'], 2)}×, K=15 {_fmt(ra['napo_k15_over_sft_plain'], 2)}× the step "
+                  f"time, Δ memory at K=15 {_fmt(ra['mem_napo_k15_over_sft_plain'], 2)}×."]
     lines += ["", "Δ RSS = peak resident memory during training minus the resident memory once the model is "
                   "loaded (each method in a fresh process); the memory ratio uses Δ, because the absolute RSS is "
                   "dominated by the same runtime + weights for every method.",
@@ -442,7 +487,7 @@ def main(
         sr.get_or_train_sasrec(dataset)  # train + cache once, outside the timed workers
     print(f"benchmark: model {base_model}, batch {batch_size}, {n_rows} rows, {warmup}+{steps} steps, K {list(ks)}, "
           f"torch threads {threads}", flush=True)
-    plan = [("sft", 0), ("dpo", 1)] + [(m, k) for k in ks for m in ("napo_naive", "napo_shared")]
+    plan = [("sft", 0), ("sft_plain", 0), ("dpo", 1)] + [(m, k) for k in ks for m in ("napo_naive", "napo_shared")]
     training = []
     for method, K in plan:
         r = run_task({**train_base, "method": method, "K": K}, verbose)
@@ -459,12 +504,16 @@ def main(
     def find(method, K=None):
         return next((r for r in training if r["method"] == method and (K is None or r["K"] == K)), None)
 
-    sft, n3, n15 = find("sft"), find("napo_shared", 3), find("napo_shared", 15)
+    sft, plain, n3, n15 = find("sft"), find("sft_plain"), find("napo_shared", 3), find("napo_shared", 15)
     ratios = {
         "napo_k3_over_sft": _ratio(n3 and n3["step_s"], sft["step_s"]),
         "napo_k15_over_sft": _ratio(n15 and n15["step_s"], sft["step_s"]),
         "mem_napo_k15_over_sft": _ratio(n15 and n15["delta_rss_mb"], sft["delta_rss_mb"]),
         "mem_abs_napo_k15_over_sft": _ratio(n15 and n15["peak_rss_mb"], sft["peak_rss_mb"]),
+        # the same against the lean SFT loop (a stricter baseline: no TRL overhead, no dropout)
+        "napo_k3_over_sft_plain": _ratio(n3 and n3["step_s"], plain["step_s"]),
+        "napo_k15_over_sft_plain": _ratio(n15 and n15["step_s"], plain["step_s"]),
+        "mem_napo_k15_over_sft_plain": _ratio(n15 and n15["delta_rss_mb"], plain["delta_rss_mb"]),
         "rank_over_prompt_forward": _ratio(ranking["rank_shared_s_per_row"], ranking["prompt_forward_s_per_row"]),
         "rank_naive_over_shared": _ratio(ranking["rank_naive_s_per_row"], ranking["rank_shared_s_per_row"]),
     }
@@ -485,7 +534,7 @@ def main(
                    "rank_repeats": rank_repeats, "gen_rows": gen_rows, "max_new_tokens": max_new_tokens,
                    "reference": reference, "sasrec_checkpoint": sasrec_checkpoint or "get_or_train_sasrec",
                    "seed": seed, "note_missing_k": missing},
-        "timing": "real trainers (TrainerCallback, end of step to end of step)",
+        "timing": "the real trainers (a TrainerCallback, end of step to end of step); 'SFT plain' is a manual loop",
         "training": training, "ranking": ranking, "ratios": ratios, "targets": targets,
         "identical_ranking": ranking["identical_ranking"],
         "all_targets_pass": all(t["pass"] for t in targets.values()) and ranking["identical_ranking"],

@@ -1,6 +1,8 @@
 # Sourced by the stage scripts: run a Python entry point with one process, or with N under torchrun.
-#   NPROC=4 bash sft.sh ...     -> torchrun --standalone --nproc_per_node 4 sft.py ...
-#   LAUNCHER="accelerate launch --num_processes 2" bash sft.sh ...   -> any other launcher
+#   NPROC=4 bash sft.sh ...     -> torchrun --standalone --nproc_per_node 4 sft.py ...  (GPUs: NCCL; CPU: gloo)
+#   LAUNCHER="accelerate launch --multi_gpu --num_processes 4" bash sft.sh ...   -> any other launcher
+#   (accelerate's `--cpu` starts ONE process unless given an MPI hostfile; for N CPU processes use NPROC=N,
+#   or `--multi_gpu --num_processes N`, which also runs on gloo when there is no GPU.)
 # Every argument after the script name is forwarded, so `bash sft.sh --max_train_samples 64` works, and a
 # flag given twice takes its last value (the script's defaults come first, yours after).
 NAPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

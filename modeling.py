@@ -34,9 +34,10 @@ REPO_DIR = Path(__file__).resolve().parent
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TINY_DEFAULTS = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
                      intermediate_size=688, bpe_vocab_size=2000, item_tokens=True,
-                     pretrain_epochs=6, pretrain_lr=2e-3, pretrain_window=24, pretrain_max_steps=None, seed=0)
+                     pretrain_epochs=6, pretrain_lr=2e-3, pretrain_window=24, pretrain_recall=0.3,
+                     pretrain_max_steps=None, seed=0)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-BUILDER_VERSION = 1  # bump when build_tiny changes what it produces
+BUILDER_VERSION = 2  # bump when build_tiny changes what it produces
 
 
 class ModelError(ValueError):
@@ -88,7 +89,7 @@ def _titles_safe_as_tokens(catalog: di.ItemCatalog) -> list[str]:
     swallowed by the title token) and unique."""
     import re
 
-    text = " ".join(di.TEMPLATES)
+    text = " ".join(di.TEMPLATES + RECALL_TEMPLATES)
     seen, out = set(), []
     for name in catalog.names:
         if name in seen or name != name.strip() or '"' in name:
@@ -143,22 +144,23 @@ def user_sequences(catalog: di.ItemCatalog, split="train") -> list[list[int]]:
     return seqs
 
 
-def _pretrain(model, tokenizer, catalog, epochs, lr, window, seed, max_steps=None, log=print):
-    """Domain pretraining of the embedded default: next-token LM loss on the train split's listening
-    sequences written the way prompts write histories ("A", "B", ...). Stands in for what a real LLM
-    knows about music. Train users only; val/test users are disjoint."""
-    seqs = user_sequences(catalog, "train")
+RECALL_TEMPLATES = [
+    "Options: {options}. Repeat one of the options:{answer}",
+    "Here is a list: {options}. Name one item from the list:{answer}",
+    "Pick any one of {options}. Picked:{answer}",
+]
+
+
+def pretraining_docs(catalog, epochs, window, recall, seed) -> list[list[str]]:
+    """The documents of each pretraining epoch (deterministic):
+    * listening windows: each train user's sequence cut into windows of `window` items (the cut shifts every
+      epoch), written the way prompts write histories ("A", "B", ...);
+    * list recall (a `recall` fraction on top): a random list of titles followed by one of them + EOS — the
+      generic skill of answering with an item of a given list, which real LLMs bring from web text. The
+      items and the pick are uniform at random, so it carries no information about any user."""
     rng = random.Random(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    docs_per_epoch = sum(math.ceil(len(s) / window) for s in seqs)
-    batch_size = 32
-    total = epochs * math.ceil(docs_per_epoch / batch_size)
-    if max_steps:
-        total = min(total, max_steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
-    model.train()
-    step, t0 = 0, time.time()
+    seqs = user_sequences(catalog, "train")
+    out = []
     for epoch in range(epochs):
         shift = (epoch * 7) % window
         docs = []
@@ -167,32 +169,48 @@ def _pretrain(model, tokenizer, catalog, epochs, lr, window, seed, max_steps=Non
             for a, b in zip(starts, starts[1:] + [len(s)]):
                 if b - a >= 2:
                     docs.append(di.quote_titles(catalog, s[a:b]))
+        for _ in range(int(recall * len(docs))):
+            items = rng.sample(range(catalog.n_items), rng.randint(5, 20))
+            tpl = RECALL_TEMPLATES[rng.randrange(len(RECALL_TEMPLATES))]
+            docs.append(tpl.format(options=di.quote_titles(catalog, items),
+                                   answer=di.answer_text(catalog, rng.choice(items))))
         rng.shuffle(docs)
-        for i in range(0, len(docs), batch_size):
-            enc = [tokenizer(d, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-                   for d in docs[i:i + batch_size]]
-            width = max(map(len, enc))
-            ids = torch.full((len(enc), width), tokenizer.pad_token_id)
-            labels = torch.full((len(enc), width), -100)
-            mask = torch.zeros((len(enc), width), dtype=torch.long)
-            for j, e in enumerate(enc):
-                ids[j, :len(e)] = torch.tensor(e)
-                labels[j, :len(e)] = torch.tensor(e)
-                mask[j, :len(e)] = 1
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            if step % 100 == 0 or step == total:
-                log(f"[tiny] pretrain epoch {epoch + 1}/{epochs} step {step}/{total} loss {loss.item():.3f} "
-                    f"({time.time() - t0:.0f}s)", flush=True)
-            if step >= total:
-                break
-        if step >= total:
-            break
+        out.append(docs)
+    return out
+
+
+def _pretrain(model, tokenizer, catalog, epochs, lr, window, recall, seed, max_steps=None, log=print):
+    """Domain pretraining of the embedded default (next-token LM loss on every token, EOS after each
+    document). Stands in for what a real LLM knows about music. Train users only; val/test users are
+    disjoint, so nothing of the evaluation data is seen."""
+    batch_size = 32
+    batches = [docs[i:i + batch_size] for docs in pretraining_docs(catalog, epochs, window, recall, seed)
+               for i in range(0, len(docs), batch_size)]
+    total = min(len(batches), max_steps or len(batches))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    warm = max(1, min(50, total // 10))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    model.train()
+    t0 = time.time()
+    for step, batch in enumerate(batches[:total], 1):
+        enc = [tokenizer(d, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for d in batch]
+        width = max(map(len, enc))
+        ids = torch.full((len(enc), width), tokenizer.pad_token_id)
+        labels = torch.full((len(enc), width), -100)
+        mask = torch.zeros((len(enc), width), dtype=torch.long)
+        for j, e in enumerate(enc):
+            ids[j, :len(e)] = torch.tensor(e)
+            labels[j, :len(e)] = torch.tensor(e)
+            mask[j, :len(e)] = 1
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 100 == 0 or step == total:
+            log(f"[tiny] pretrain step {step}/{total} loss {loss.item():.3f} ({time.time() - t0:.0f}s)", flush=True)
     model.eval()
 
 
@@ -213,7 +231,7 @@ def build_tiny(dataset="lastfm", output_dir=None, **overrides) -> Path:
     model = LlamaForCausalLM(cfg)
     if opts["pretrain_epochs"] > 0:
         _pretrain(model, tokenizer, catalog, opts["pretrain_epochs"], opts["pretrain_lr"],
-                  opts["pretrain_window"], opts["seed"], opts["pretrain_max_steps"])
+                  opts["pretrain_window"], opts["pretrain_recall"], opts["seed"], opts["pretrain_max_steps"])
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -249,7 +267,9 @@ def tiny_path(dataset="lastfm", **overrides) -> Path:
     opts = {**TINY_DEFAULTS, **overrides}
     catalog = di.load_catalog(dataset)
     keyed = {k: v for k, v in opts.items() if v is not None}
-    key = hashlib.sha256(json.dumps([BUILDER_VERSION, keyed, data_fingerprint(catalog)], sort_keys=True)
+    # the tokenizer is trained on the prompt templates, so they are part of the key too
+    key = hashlib.sha256(json.dumps([BUILDER_VERSION, keyed, data_fingerprint(catalog), di.TEMPLATES,
+                                     RECALL_TEMPLATES], sort_keys=True)
                          .encode()).hexdigest()[:12]
     target = cache_root() / "models" / f"tiny-{catalog.name}-{key}"
     return _build_once(target, lambda tmp: build_tiny(catalog.path, tmp, **opts))

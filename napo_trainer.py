@@ -95,9 +95,10 @@ def gather_rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def global_mean(x: torch.Tensor) -> torch.Tensor:
-    """Mean of x over the rows of all processes."""
-    total = torch.stack([x.detach().sum().to(torch.float64), torch.tensor(float(x.numel()), dtype=torch.float64,
-                                                                           device=x.device)])
+    """Mean of x over the rows of all processes. The sums are taken in float64 (summing float32 first would
+    round differently for different splits of the rows), so any split gives the one-process value."""
+    total = torch.stack([x.detach().to(torch.float64).sum(),
+                         torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device)])
     if world()[1] > 1:
         dist.all_reduce(total)
     return (total[0] / total[1].clamp(min=1)).to(torch.float32)

@@ -75,8 +75,11 @@ def main(
     if napo.needs_sasrec:
         import sasrec as sr
 
-        sasrec = (sr.load_sasrec(sasrec_checkpoint, catalog) if sasrec_checkpoint
-                  else sr.get_or_train_sasrec(dataset))
+        if sasrec_checkpoint:
+            sasrec = sr.load_sasrec(sasrec_checkpoint, catalog)
+        else:  # under torchrun the first process trains and caches it, the others wait on the lock and load it
+            with modeling._file_lock(sr.cache_root() / "sasrec" / f"{catalog.name}.lock"):
+                sasrec = sr.get_or_train_sasrec(dataset)
         if sasrec.config["n_items"] != catalog.n_items:
             raise di.DataError(f"SASRec has {sasrec.config['n_items']} items, dataset {catalog.name} has "
                                f"{catalog.n_items}")
