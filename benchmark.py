@@ -1,8 +1,9 @@
 """Cost benchmark (issue 4, spec section 10): training step time and peak memory of SFT, DPO (TRL),
 S-DPO/NAPO with naive scoring and NAPO with prefix-shared scoring, plus ranking and generation time.
 
-    OMP_NUM_THREADS=1 python benchmark.py --quick --threads 1        # reduced run, < ~5 minutes here
-    python benchmark.py                                               # full: K in {1, 3, 7, 15, 19}
+    OMP_NUM_THREADS=1 python benchmark.py --quick --threads 1   # K in {1, 3, 15}: ~3 minutes on this 2-core CPU
+    OMP_NUM_THREADS=1 python benchmark.py --threads 1           # full, K in {1, 3, 7, 15, 19}: ~8 minutes
+Writes results/benchmark.json (--json) and results/benchmark.md (--markdown); prints the table.
 
 What is measured (every method on the same B-row batches, the same per-device batch size):
   training   real optimizer steps through the real trainers: TRL SFTTrainer (sft.py's tokenization, LoRA via
@@ -12,13 +13,18 @@ What is measured (every method on the same B-row batches, the same per-device ba
              trainer) or True ("shared": each prompt encoded once). Every step is timed from the end of the
              previous optimizer step to the end of this one (a TrainerCallback): batch collation, forward,
              backward, gradient clipping, AdamW. The first `warmup` steps are dropped; the median is reported.
-  memory     every method runs in its own fresh subprocess. Baseline = resident memory (VmRSS) once the
-             libraries, model, SASRec and rows are loaded; the kernel's peak-RSS mark is then reset
-             (/proc/self/clear_refs) and read back (VmHWM) after training. Reported: the absolute peak and the
-             delta over the baseline. The `mem_*` ratio uses the delta: the absolute RSS (~0.6 GB) is mostly
-             the Python/torch/transformers/TRL runtime and the weights, identical for every method, so an
-             absolute ratio sits near 1 whatever the method costs; the delta is what the method itself
-             allocates (activations, logits, gradients, optimizer state, trainer, collated batches).
+             All trainers get the same n_rows = B x (warmup + steps) rows and shuffle them with the same seed.
+             "SFT plain" is a manual loop (no TRL: HF loss on the answer tokens, LoRA without dropout, AdamW),
+             a stricter baseline than TRL's SFTTrainer, whose CPU path scores every token of the row through
+             its chunked log-prob kernel (entropy and accuracy included) and runs LoRA dropout.
+  memory     every method runs in its own fresh subprocess (--isolate False: in this process, for tests).
+             Baseline = resident memory (VmRSS) once the libraries, model, SASRec and rows are loaded; the
+             kernel's peak-RSS mark is then reset (/proc/self/clear_refs) and read back (VmHWM) after
+             training. Reported: the absolute peak and the delta over the baseline. The `mem_*` ratio uses the
+             delta: the absolute RSS (~0.55 GB) is mostly the Python/torch/transformers/TRL runtime and the
+             weights, identical for every method, so an absolute ratio sits near 1 whatever the method costs;
+             the delta is what the method itself allocates (activations, logits, gradients, optimizer state,
+             the trainer and its tokenized dataset, memory the allocator keeps after the first step).
   ranking    test rows, batches of B, torch.no_grad, the base model: scoring.answer_logps over the 20
              candidates with shared=True vs shared=False, and one plain forward of the same padded prompts
              (logits for the last position only, as a generation prefill). Per-row time = the median over
@@ -109,7 +115,7 @@ def peak_rss_mb(reset_ok: bool) -> float:
 
 
 # --------------------------------------------------------------------------------------------------
-# Subprocess side: one measurement per fresh process
+# Worker side: one measurement (run in a fresh process by run_task)
 
 
 def _setup(task):
@@ -292,8 +298,8 @@ def measure_ranking(task) -> dict:
     model.eval()
     B, pad = task["batch_size"], tokenizer.pad_token_id
     rows = di.eval_rows(catalog, "test", "clean", task["seed"], task["rank_rows"])
-    enc = [modeling.encode_prompt_answers(tokenizer, r["prompt"], [di.answer_text(catalog, c) for c in r["candidate_ids"]])
-           for r in rows]
+    enc = [modeling.encode_prompt_answers(tokenizer, r["prompt"],
+                                          [di.answer_text(catalog, c) for c in r["candidate_ids"]]) for r in rows]
     batches = [enc[i:i + B] for i in range(0, len(enc), B)]
 
     def prompt_forward(batch):
@@ -365,7 +371,10 @@ def worker(task_path: str, result_path: str):
 # Parent side: run every measurement in a fresh process, collect, report
 
 
-def run_task(task: dict, verbose: bool) -> dict:
+def run_task(task: dict, verbose: bool, isolate: bool = True) -> dict:
+    """Run one measurement in a fresh Python process (isolate) or, for quick tests, in this one."""
+    if not isolate:
+        return measure_training(task) if task["kind"] == "train" else measure_ranking(task)
     with tempfile.TemporaryDirectory(prefix="napo_bench_task_") as tmp:
         tp, rp = Path(tmp) / "task.json", Path(tmp) / "result.json"
         tp.write_text(jsonlib.dumps(task))
@@ -401,7 +410,8 @@ def render_markdown(res: dict) -> str:
              f"{cfg['n_rows']} train rows ({cfg['warmup']} warm-up + {cfg['steps']} timed steps, median); "
              f"NAPO: reference={cfg['reference']}, sharing on, margin `user`; timing via {res['timing']}.",
              f"Command: `{res['command']}`", "",
-             "| method | K | s/step (median) | s/step (min) | × SFT | peak RSS MB | Δ RSS MB | Δ × SFT | timed with |",
+             "| method | K | s/step (median) | s/step (min) | × SFT | peak RSS MB | Δ RSS MB | Δ × SFT "
+             "| timed with |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in res["training"]:
         lines.append(f"| {LABELS[r['method']]} | {r['K'] if r['method'].startswith('napo') else '—'} | "
@@ -429,8 +439,8 @@ def render_markdown(res: dict) -> str:
                  f"{'yes' if rk['identical_ranking'] else 'NO'} |")
     ra = res["ratios"]
     lines += ["", f"Against the plain SFT loop instead (stricter, informational): NAPO K=3 "
-                  f"{_fmt(ra['napo_k3_over_sft_plain'], 2)}×, K=15 {_fmt(ra['napo_k15_over_sft_plain'], 2)}× the step "
-                  f"time, Δ memory at K=15 {_fmt(ra['mem_napo_k15_over_sft_plain'], 2)}×."]
+                  f"{_fmt(ra['napo_k3_over_sft_plain'], 2)}×, K=15 {_fmt(ra['napo_k15_over_sft_plain'], 2)}× "
+                  f"the step time, Δ memory at K=15 {_fmt(ra['mem_napo_k15_over_sft_plain'], 2)}×."]
     lines += ["", "Δ RSS = peak resident memory during training minus the resident memory once the model is "
                   "loaded (each method in a fresh process); the memory ratio uses Δ, because the absolute RSS is "
                   "dominated by the same runtime + weights for every method.",
@@ -458,6 +468,8 @@ def main(
     json: str = "results/benchmark.json",      # where the results go (JSON)
     markdown: str = "results/benchmark.md",    # and the markdown table
     verbose: bool = False,                # show the workers' output
+    isolate: bool = True,                 # each measurement in a fresh process (False: in this one; faster, for
+                                          # tests, but then a method's memory can hide in an earlier one's)
 ):
     import torch
 
@@ -472,7 +484,7 @@ def main(
     if min(ks) < 1 or max(ks) > 19 or steps < 1 or warmup < 0 or batch_size < 1 or rank_rows < 1:
         raise BenchmarkError("need 1 <= K <= 19, --steps >= 1, --warmup >= 0, --batch_size >= 1, --rank_rows >= 1")
     missing = [k for k in (3, 15) if k not in ks]
-    t_start = time.time()
+    t_start, machine = time.time(), machine_info(threads)
     base = {"base_model": base_model, "dataset": dataset, "threads": threads, "batch_size": batch_size,
             "seed": seed, "cutoff_len": cutoff_len}
     n_rows = batch_size * (warmup + steps)
@@ -490,15 +502,16 @@ def main(
     plan = [("sft", 0), ("sft_plain", 0), ("dpo", 1)] + [(m, k) for k in ks for m in ("napo_naive", "napo_shared")]
     training = []
     for method, K in plan:
-        r = run_task({**train_base, "method": method, "K": K}, verbose)
+        r = run_task({**train_base, "method": method, "K": K}, verbose, isolate)
         training.append(r)
         print(f"  {LABELS[method]:<22} K={K:<2}  {r['step_s']:.3f} s/step  peak {r['peak_rss_mb']:.0f} MB "
               f"(Δ {r['delta_rss_mb']:.0f} MB)  [{time.time() - t_start:.0f}s]", flush=True)
     ranking = run_task({**base, "kind": "rank", "rank_rows": rank_rows, "rank_repeats": rank_repeats,
-                        "gen_rows": gen_rows, "max_new_tokens": max_new_tokens}, verbose)
+                        "gen_rows": gen_rows, "max_new_tokens": max_new_tokens}, verbose, isolate)
     print(f"  ranking: shared {ranking['rank_shared_s_per_row'] * 1e3:.2f} ms/row, naive "
-          f"{ranking['rank_naive_s_per_row'] * 1e3:.2f}, prompt forward {ranking['prompt_forward_s_per_row'] * 1e3:.2f},"
-          f" generate {ranking['generate_s_per_row'] * 1e3:.2f}; identical ranking {ranking['identical_ranking']}  "
+          f"{ranking['rank_naive_s_per_row'] * 1e3:.2f}, prompt forward "
+          f"{ranking['prompt_forward_s_per_row'] * 1e3:.2f}, generate {ranking['generate_s_per_row'] * 1e3:.2f}; "
+          f"identical ranking {ranking['identical_ranking']}  "
           f"[{time.time() - t_start:.0f}s]", flush=True)
 
     def find(method, K=None):
@@ -526,14 +539,15 @@ def main(
         ok = v is not None and (v <= bound if op == "<=" else v >= bound)
         targets[key] = {"value": v, "op": op, "bound": bound, "pass": ok}
     res = {
-        "command": "python benchmark.py " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("benchmark.py")
-        else "benchmark.main(...)",
-        "machine": machine_info(threads), "model_path": model_path,
+        "command": (f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else "")
+        + ("python benchmark.py " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("benchmark.py")
+           else "benchmark.main(...)"),
+        "machine": machine, "model_path": model_path,
         "config": {"quick": quick, "base_model": base_model, "dataset": dataset, "batch_size": batch_size,
                    "ks": list(ks), "steps": steps, "warmup": warmup, "n_rows": n_rows, "rank_rows": rank_rows,
                    "rank_repeats": rank_repeats, "gen_rows": gen_rows, "max_new_tokens": max_new_tokens,
                    "reference": reference, "sasrec_checkpoint": sasrec_checkpoint or "get_or_train_sasrec",
-                   "seed": seed, "note_missing_k": missing},
+                   "seed": seed, "isolated_processes": isolate, "missing_target_k": missing},
         "timing": "the real trainers (a TrainerCallback, end of step to end of step); 'SFT plain' is a manual loop",
         "training": training, "ranking": ranking, "ratios": ratios, "targets": targets,
         "identical_ranking": ranking["identical_ranking"],

@@ -34,10 +34,10 @@ REPO_DIR = Path(__file__).resolve().parent
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TINY_DEFAULTS = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
                      intermediate_size=688, bpe_vocab_size=2000, item_tokens=True,
-                     pretrain_epochs=6, pretrain_lr=2e-3, pretrain_window=24, pretrain_recall=0.3,
+                     pretrain_epochs=6, pretrain_lr=2e-3, pretrain_window=24, pretrain_recall=0.4,
                      pretrain_max_steps=None, seed=0)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-BUILDER_VERSION = 2  # bump when build_tiny changes what it produces
+BUILDER_VERSION = 3  # bump when build_tiny changes what it produces
 
 
 class ModelError(ValueError):
@@ -147,7 +147,8 @@ def user_sequences(catalog: di.ItemCatalog, split="train") -> list[list[int]]:
 RECALL_TEMPLATES = [
     "Options: {options}. Repeat one of the options:{answer}",
     "Here is a list: {options}. Name one item from the list:{answer}",
-    "Pick any one of {options}. Picked:{answer}",
+    "Options: {options}. Other items: {context}. Name one of the options:{answer}",
+    "Some items: {context}. Options: {options}. Pick one of the options, not one of the items:{answer}",
 ]
 
 
@@ -155,9 +156,10 @@ def pretraining_docs(catalog, epochs, window, recall, seed) -> list[list[str]]:
     """The documents of each pretraining epoch (deterministic):
     * listening windows: each train user's sequence cut into windows of `window` items (the cut shifts every
       epoch), written the way prompts write histories ("A", "B", ...);
-    * list recall (a `recall` fraction on top): a random list of titles followed by one of them + EOS — the
-      generic skill of answering with an item of a given list, which real LLMs bring from web text. The
-      items and the pick are uniform at random, so it carries no information about any user."""
+    * list recall (a `recall` fraction on top): a random list of titles (sometimes beside a second, distractor
+      list) followed by one of the listed options + EOS — the generic skill of answering with an item of a
+      given list, which real LLMs bring from web text. Items and pick are uniform at random, so it carries
+      no information about any user or item popularity."""
     rng = random.Random(seed)
     seqs = user_sequences(catalog, "train")
     out = []
@@ -170,10 +172,11 @@ def pretraining_docs(catalog, epochs, window, recall, seed) -> list[list[str]]:
                 if b - a >= 2:
                     docs.append(di.quote_titles(catalog, s[a:b]))
         for _ in range(int(recall * len(docs))):
-            items = rng.sample(range(catalog.n_items), rng.randint(5, 20))
+            items = rng.sample(range(catalog.n_items), rng.randint(5, 20) + 10)
+            options, context = items[:-10], items[-rng.randint(1, 10):]
             tpl = RECALL_TEMPLATES[rng.randrange(len(RECALL_TEMPLATES))]
-            docs.append(tpl.format(options=di.quote_titles(catalog, items),
-                                   answer=di.answer_text(catalog, rng.choice(items))))
+            docs.append(tpl.format(options=di.quote_titles(catalog, options), context=di.quote_titles(catalog, context),
+                                   answer=di.answer_text(catalog, rng.choice(options))))
         rng.shuffle(docs)
         out.append(docs)
     return out
@@ -485,3 +488,40 @@ def load_policy(base_model, dataset, start_adapter, quantize="auto"):
     model, tokenizer, info = load_base_model(base_model, dataset, quantize=quantize)
     model = load_adapter(model, start_adapter, trainable=True)
     return model, tokenizer, info
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """The byte -> printable character table of byte-level BPE (printable latin-1 bytes map to themselves,
+    the others to code points from 256 on)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+_B2U = _bytes_to_unicode()
+_U2B = {u: b for b, u in _B2U.items()}
+
+
+def decode(tokenizer, ids) -> str:
+    """Token ids -> text, special tokens skipped. With a byte-level tokenizer that has added tokens (the
+    embedded model's whole-title tokens), the added tokens are byte-encoded like ordinary tokens before the
+    bytes are decoded, because the stock decoder would mangle non-ASCII titles ("Björk" -> "Bj\ufffdrk").
+    (A title token absorbs the one space before it, so an answer " Björk" decodes to "Björk".)"""
+    ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+    added = {i: t.content for i, t in tokenizer.added_tokens_decoder.items() if not t.special}
+    decoder = tokenizer.backend_tokenizer.decoder
+    if not added or type(decoder).__name__ != "ByteLevel":
+        return tokenizer.decode(ids, skip_special_tokens=True)
+    special = set(tokenizer.all_special_ids)
+    pieces = []
+    for i in ids:
+        if i in special:
+            continue
+        pieces.append("".join(_B2U[b] for b in added[i].encode()) if i in added else tokenizer.convert_ids_to_tokens(i))
+    return bytes(_U2B[c] for c in "".join(pieces)).decode("utf-8", errors="replace")

@@ -38,9 +38,13 @@ def test_tokenizer_item_tokens_and_bpe(small_model, small_bpe_model):
     assert all(len(a) == 2 for a in a1)
     assert max(len(a) for a in a2) > 3
     for ids, a in zip(a2, answers):
-        assert bpe.decode(ids[:-1]).strip() == a.strip() and ids[-1] == bpe.eos_token_id
-    # the prompt round-trips through both tokenizers
-    assert tok.decode(p1) == row["prompt"] and bpe.decode(p2) == row["prompt"]
+        assert modeling.decode(bpe, ids).strip() == a.strip() and ids[-1] == bpe.eos_token_id
+    # prompts and answers round-trip through both tokenizers, non-ASCII titles included
+    assert modeling.decode(tok, p1) == row["prompt"] and modeling.decode(bpe, p2) == row["prompt"]
+    for title in ("Björk", "倖田來未", 'Lee "Scratch" Perry', "Mötley Crüe"):
+        for t in (tok, bpe):
+            _, (ids,) = modeling.encode_prompt_answers(t, row["prompt"], [" " + title])
+            assert modeling.decode(t, ids).strip() == title
 
 
 def test_cache_is_built_once_and_atomic(tmp_path, monkeypatch):

@@ -1,0 +1,49 @@
+"""benchmark.py in its smallest configuration on the small local model: every method runs, the JSON has the
+issue-4 keys, and ranking with the prompt encoded once gives the naive path's ranking. Timings are not asserted."""
+import json
+
+import torch
+
+import benchmark
+import data_interface as di
+import sasrec
+
+RATIO_KEYS = {"napo_k3_over_sft", "napo_k15_over_sft", "mem_napo_k15_over_sft", "rank_over_prompt_forward",
+              "rank_naive_over_shared"}
+
+
+def random_sasrec(folder):
+    catalog = di.load_catalog("lastfm")
+    torch.manual_seed(0)
+    sasrec.save_sasrec(sasrec.SASRec(sasrec.SASRecConfig(n_items=catalog.n_items)).eval(), folder, {})
+    return str(folder)
+
+
+def test_benchmark_smallest_config(small_model, tmp_path):
+    out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
+    benchmark.main(base_model=small_model, ks=(3,), steps=1, warmup=0, batch_size=2, rank_rows=4, rank_repeats=1,
+                   gen_rows=2, max_new_tokens=3, threads=1, sasrec_checkpoint=random_sasrec(tmp_path / "sasrec"),
+                   json=str(out_json), markdown=str(out_md), isolate=False)
+    res = json.loads(out_json.read_text())
+    assert RATIO_KEYS <= res["ratios"].keys()
+    assert res["ratios"]["napo_k3_over_sft"] > 0 and res["ratios"]["napo_k15_over_sft"] is None  # K=15 not run
+    assert res["ratios"]["rank_naive_over_shared"] > 0 and res["ratios"]["rank_over_prompt_forward"] > 0
+    assert res["identical_ranking"] is True and res["ranking"]["identical_metrics"] is True
+    assert res["ranking"]["rows"] == 4 and res["ranking"]["generation_rows"] == 2
+    assert {(r["method"], r["K"]) for r in res["training"]} == {
+        ("sft", 0), ("sft_plain", 0), ("dpo", 1), ("napo_naive", 3), ("napo_shared", 3)}
+    for r in res["training"]:
+        assert len(r["step_s_all"]) == 1 and r["step_s"] > 0 and r["peak_rss_mb"] > 0
+        assert r["train_loss"] == r["train_loss"]  # not NaN
+    assert set(res["targets"]) == RATIO_KEYS and res["targets"]["napo_k15_over_sft"]["pass"] is False
+    assert res["machine"]["torch_threads"] == 1 and res["machine"]["cpu"]
+    md = out_md.read_text()
+    assert "| NAPO shared | 3 |" in md and "rank 20 candidates, shared" in md and "napo_k3_over_sft" in md
+
+
+def test_worker_subprocess_ranking(small_model):
+    """The fresh-process path (what the real benchmark uses for every measurement)."""
+    task = {"kind": "rank", "base_model": small_model, "dataset": "lastfm", "threads": 1, "batch_size": 2,
+            "seed": 0, "cutoff_len": 512, "rank_rows": 2, "rank_repeats": 1, "gen_rows": 0, "max_new_tokens": 2}
+    res = benchmark.run_task(task, verbose=False, isolate=True)
+    assert res["identical_ranking"] is True and res["rows"] == 2 and res["rank_naive_s_per_row"] > 0
