@@ -485,14 +485,16 @@ def main(
         raise BenchmarkError("need 1 <= K <= 19, --steps >= 1, --warmup >= 0, --batch_size >= 1, --rank_rows >= 1")
     missing = [k for k in (3, 15) if k not in ks]
     t_start, machine = time.time(), machine_info(threads)
-    base = {"base_model": base_model, "dataset": dataset, "threads": threads, "batch_size": batch_size,
+    import modeling
+
+    # Resolved once (and built if needed): every worker loads this very folder, even if the embedded model's
+    # recipe (hence its cache folder) changes while the benchmark runs.
+    model_path = str(modeling.resolve_base_model(base_model, dataset))
+    base = {"base_model": model_path, "dataset": dataset, "threads": threads, "batch_size": batch_size,
             "seed": seed, "cutoff_len": cutoff_len}
     n_rows = batch_size * (warmup + steps)
     train_base = {**base, "kind": "train", "n_rows": n_rows, "steps": steps, "warmup": warmup,
                   "reference": reference, "sasrec_checkpoint": sasrec_checkpoint}
-    import modeling
-
-    model_path = str(modeling.resolve_base_model(base_model, dataset))  # builds the embedded model once if needed
     if sasrec_checkpoint is None:
         import sasrec as sr
 

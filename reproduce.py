@@ -588,7 +588,7 @@ def _fmt_pair(p, unit="HR@1", scale=1.0, digits=4):
         return "not run"
     f = f"{{:.{digits}f}}"
     if p["halfwidth"] == 0 and p["diff"] == 0:
-        return f"{unit} {f.format(p['a_mean'] * scale)} for both: the same top-1 item on all {p['n']} rows"
+        return f"{unit} {f.format(p['a_mean'] * scale)} for both, row by row identical on all {p['n']} rows"
     return (f"{unit} {f.format(p['a_mean'] * scale)} vs {f.format(p['b_mean'] * scale)}: difference "
             f"{'+' if p['diff'] >= 0 else '−'}{f.format(abs(p['diff']) * scale)} "
             f"(95% paired CI ±{f.format(p['halfwidth'] * scale)}, n={p['n']})")
