@@ -1,11 +1,11 @@
 """Cost benchmark (issue 4, spec section 10): training step time and peak memory of SFT, DPO (TRL),
 S-DPO/NAPO with naive scoring and NAPO with prefix-shared scoring, plus ranking and generation time.
 
-    OMP_NUM_THREADS=1 python benchmark.py --quick --threads 1   # K in {1, 3, 15}: ~3 minutes on this 2-core CPU
-    OMP_NUM_THREADS=1 python benchmark.py --threads 1           # full, K in {1, 3, 7, 15, 19}: ~8 minutes
+    OMP_NUM_THREADS=1 python benchmark.py --quick --threads 1   # K in {1, 3, 15}: ~2-3 minutes on this 2-core CPU
+    OMP_NUM_THREADS=1 python benchmark.py --threads 1           # full, K in {1, 3, 7, 15, 19}: ~6-7 minutes
 Writes results/benchmark.json (--json) and results/benchmark.md (--markdown); prints the table.
 
-What is measured (every method on the same B-row batches, the same per-device batch size):
+What is measured (every method on the same rows, the same per-device batch size B, default 4):
   training   real optimizer steps through the real trainers: TRL SFTTrainer (sft.py's tokenization, LoRA via
              peft_config), TRL DPOTrainer (sigmoid loss, reference = a copy of the adapter, as dpo.py), and
              NAPOTrainer (napo_trainer.py: NAPO defaults, in-batch negative sharing and the personalised margin
@@ -506,7 +506,7 @@ def main(
     for method, K in plan:
         r = run_task({**train_base, "method": method, "K": K}, verbose, isolate)
         training.append(r)
-        print(f"  {LABELS[method]:<22} K={K:<2}  {r['step_s']:.3f} s/step  peak {r['peak_rss_mb']:.0f} MB "
+        print(f"  {LABELS[method]:<24} K={K:<2}  {r['step_s']:.3f} s/step  peak {r['peak_rss_mb']:.0f} MB "
               f"(Δ {r['delta_rss_mb']:.0f} MB)  [{time.time() - t_start:.0f}s]", flush=True)
     ranking = run_task({**base, "kind": "rank", "rank_rows": rank_rows, "rank_repeats": rank_repeats,
                         "gen_rows": gen_rows, "max_new_tokens": max_new_tokens}, verbose, isolate)
