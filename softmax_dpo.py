@@ -80,9 +80,6 @@ def main(
         else:  # under torchrun the first process trains and caches it, the others wait on the lock and load it
             with modeling._file_lock(sr.cache_root() / "sasrec" / f"{catalog.name}.lock"):
                 sasrec = sr.get_or_train_sasrec(dataset)
-        if sasrec.config["n_items"] != catalog.n_items:
-            raise di.DataError(f"SASRec has {sasrec.config['n_items']} items, dataset {catalog.name} has "
-                               f"{catalog.n_items}")
     rows = di.preference_rows(catalog, "train", protocol, num_negatives, seed, num_train_epochs, max_train_samples)
     train = Dataset.from_list(rows)
     model, tokenizer, info = modeling.load_policy(base_model, dataset, start, quantize)
@@ -115,7 +112,10 @@ def main(
 if __name__ == "__main__":
     import fire
 
+    from napo_losses import NAPOLossError
+    from sasrec import SASRecError
+
     try:
         fire.Fire(main, serialize=lambda _: None)
-    except (di.DataError, modeling.ModelError, ValueError) as e:
+    except (di.DataError, modeling.ModelError, SASRecError, NAPOLossError) as e:
         sys.exit(f"error: {e}")
