@@ -71,15 +71,19 @@ def split_titles(text):
 
 
 def parse_prompt(prompt):
-    """-> (template index, history titles, candidate titles), recovered from the prompt text alone."""
+    """-> (template index, history titles, candidate titles), recovered from the prompt text alone
+    (templates may name the history and the candidates in either order)."""
     for t, tpl in enumerate(di.TEMPLATES):
-        pre, rest = tpl.split("{history}")
-        mid, post = rest.split("{candidates}")
+        first, second = ("history", "candidates") if tpl.index("{history}") < tpl.index("{candidates}") \
+            else ("candidates", "history")
+        pre, rest = tpl.split("{" + first + "}")
+        mid, post = rest.split("{" + second + "}")
         if prompt.startswith(pre) and prompt.endswith(post):
             body = prompt[len(pre):len(prompt) - len(post)]
-            hist, sep, cands = body.partition(mid)
+            a, sep, b = body.partition(mid)
             assert sep, prompt
-            return t, split_titles(hist), split_titles(cands)
+            parts = {first: split_titles(a), second: split_titles(b)}
+            return t, parts["history"], parts["candidates"]
     raise AssertionError(f"prompt matches no template: {prompt[:100]!r}")
 
 
@@ -339,7 +343,8 @@ def test_prompt_history_order_oldest_first(tmp_path):
         p = di.build_prompt(c, row.history, [1, 2], template=t)
         pos = [p.index('"Item-05"'), p.index('"Item-03"'), p.index('"Item-09"')]
         assert pos == sorted(pos)
-        assert p.index('"Item-09"') < p.index('"Item-01"') < p.index('"Item-02"')
+        # the project's templates list the candidates first and end with the history, then the question
+        assert p.index('"Item-01"') < p.index('"Item-02"') < p.index('"Item-05"')
         assert p.endswith("Answer:")
 
 
