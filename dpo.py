@@ -7,9 +7,7 @@ SFT adapter and keeps training it; the reference is the frozen SFT model (TRL co
 """
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 
 import modeling  # sets the offline environment first
 import data_interface as di
@@ -61,16 +59,9 @@ def main(
     trainer = DPOTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
     modeling.record_start(output_dir, start, trainer.is_world_process_zero())
     trainer.train(resume_from_checkpoint=ckpt)
-    final = Path(output_dir) / "final_checkpoint"
-    if trainer.is_world_process_zero():
-        trainer.model.save_pretrained(final, selected_adapters=["default"])
-        tokenizer.save_pretrained(final)
-        run = {"stage": "dpo", "protocol": protocol, "dataset": catalog.name, "model": info, "beta": beta,
-               "start_adapter": str(start), "train_rows": len(train), "epochs": num_train_epochs, "seed": seed,
-               "log_history": trainer.state.log_history}
-        di.atomic_write_text(final / "napo_run.json", json.dumps(run, indent=2))
-        print(f"saved adapter to {final}")
-
+    modeling.save_final(trainer, tokenizer, output_dir, {
+        "stage": "dpo", "protocol": protocol, "dataset": catalog.name, "model": info, "beta": beta,
+        "start_adapter": str(start), "train_rows": len(train), "epochs": num_train_epochs, "seed": seed})
 
 if __name__ == "__main__":
     import fire

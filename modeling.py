@@ -483,6 +483,21 @@ def record_start(output_dir, start_adapter, is_main=True):
                              json.dumps({"start_adapter": str(Path(start_adapter).resolve())}))
 
 
+def save_final(trainer, tokenizer, output_dir, run: dict) -> Path:
+    """Save the trained adapter (only "default", not TRL's frozen "ref" copy), the tokenizer and
+    napo_run.json (options + training log) to output_dir/final_checkpoint, on the main process only."""
+    final = Path(output_dir) / "final_checkpoint"
+    if trainer.is_world_process_zero():
+        model = trainer.model
+        kwargs = {"selected_adapters": ["default"]} if "ref" in getattr(model, "peft_config", {}) else {}
+        model.save_pretrained(final, **kwargs)
+        tokenizer.save_pretrained(final)
+        run = {**run, "log_history": trainer.state.log_history}
+        di.atomic_write_text(final / "napo_run.json", json.dumps(run, indent=2))
+        print(f"saved adapter to {final}")
+    return final
+
+
 def load_policy(base_model, dataset, start_adapter, quantize="auto"):
     """Base model + the SFT adapter as the trainable policy (its frozen copy becomes the reference)."""
     model, tokenizer, info = load_base_model(base_model, dataset, quantize=quantize)

@@ -9,10 +9,7 @@ dataset, so the trainer runs one pass over `num_train_epochs` copies). Saves ada
 """
 from __future__ import annotations
 
-import json
-import os
 import sys
-from pathlib import Path
 
 import modeling  # sets the offline environment first
 import data_interface as di
@@ -86,17 +83,10 @@ def main(
                          processing_class=tokenizer,
                          peft_config=modeling.lora_config(lora_r, lora_alpha, lora_dropout))
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
-    final = Path(output_dir) / "final_checkpoint"
-    if trainer.is_world_process_zero():
-        trainer.model.save_pretrained(final)
-        tokenizer.save_pretrained(final)
-        run = {"stage": "sft", "protocol": protocol, "dataset": catalog.name, "model": info,
-               "train_rows": len(train), "epochs": num_train_epochs, "seed": seed,
-               "log_history": trainer.state.log_history}
-        di.atomic_write_text(final / "napo_run.json", json.dumps(run, indent=2))
-        print(f"saved adapter to {final}")
+    final = modeling.save_final(trainer, tokenizer, output_dir, {
+        "stage": "sft", "protocol": protocol, "dataset": catalog.name, "model": info,
+        "train_rows": len(train), "epochs": num_train_epochs, "seed": seed})
     return str(final)
-
 
 if __name__ == "__main__":
     import fire

@@ -11,10 +11,8 @@ does not enlarge it).
 """
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import asdict
-from pathlib import Path
 
 import modeling  # sets the offline environment first
 import data_interface as di
@@ -97,17 +95,10 @@ def main(
                           sasrec=sasrec, pad_item_id=catalog.pad_id)
     modeling.record_start(output_dir, start, trainer.is_world_process_zero())
     trainer.train(resume_from_checkpoint=ckpt)
-    final = Path(output_dir) / "final_checkpoint"
-    if trainer.is_world_process_zero():
-        trainer.model.save_pretrained(final, selected_adapters=["default"])
-        tokenizer.save_pretrained(final)
-        run = {"stage": "napo" if napo.needs_sasrec else "sdpo", "protocol": protocol, "dataset": catalog.name,
-               "model": info, "napo": asdict(napo), "start_adapter": str(start), "train_rows": len(train),
-               "epochs": num_train_epochs, "seed": seed, "M_bar": trainer.M_bar,
-               "log_history": trainer.state.log_history}
-        di.atomic_write_text(final / "napo_run.json", json.dumps(run, indent=2))
-        print(f"saved adapter to {final}")
-
+    modeling.save_final(trainer, tokenizer, output_dir, {
+        "stage": "napo" if napo.needs_sasrec else "sdpo", "protocol": protocol, "dataset": catalog.name,
+        "model": info, "napo": asdict(napo), "start_adapter": str(start), "train_rows": len(train),
+        "epochs": num_train_epochs, "seed": seed, "M_bar": trainer.M_bar})
 
 if __name__ == "__main__":
     import fire
