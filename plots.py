@@ -400,8 +400,8 @@ def plot_hr1_by_method(summary, path="assets/results_hr1_by_method.png"):
     ax.set_xlim(0, 1.12)
     ax.set_xlabel("ranking HR@1 (20 candidates; error bars: 95% binomial CI)")
     ax.set_title("HR@1 by method and candidate protocol", fontsize=12, fontweight="bold", loc="left")
-    ax.legend(loc="lower right", fontsize=8.5, frameon=True, framealpha=0.9, edgecolor="white")
-    ax.text(0, -0.6 / height, _run_note(summary), transform=ax.transAxes, fontsize=7.5, color="#777777", va="top")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.09 - 0.35 / height), ncol=2, fontsize=8.5, frameon=False)
+    ax.text(0, -1.3 / height, _run_note(summary), transform=ax.transAxes, fontsize=7.5, color="#777777", va="top")
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
     return _save(fig, path)
