@@ -163,6 +163,16 @@ def load_split(catalog: ItemCatalog, split: str) -> list[Row]:
     return rows
 
 
+def data_fingerprint(catalog: ItemCatalog) -> str:
+    """sha256 (first 16 hex digits) of the text of id2name.txt and train.jsonl (a .gz copy hashes alike):
+    keys the caches of models built or trained from a dataset."""
+    sha = hashlib.sha256()
+    for name in ("id2name.txt", "train.jsonl"):
+        with _open_text(catalog.path / name) as f:
+            sha.update(f.read().encode("utf-8"))
+    return sha.hexdigest()[:16]
+
+
 def target_popularity(catalog: ItemCatalog) -> list[int]:
     """Item popularity = how often the item is the target of a kept train row (spec §7)."""
     counts = [0] * catalog.n_items

@@ -241,19 +241,10 @@ def build_tiny(dataset="lastfm", output_dir=None, **overrides) -> Path:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     info = {"builder_version": BUILDER_VERSION, "dataset": catalog.name, "options": opts,
-            "data_fingerprint": data_fingerprint(catalog), "n_params": sum(p.numel() for p in model.parameters()),
+            "data_fingerprint": di.data_fingerprint(catalog), "n_params": sum(p.numel() for p in model.parameters()),
             "state_sha256": state_hash(model)}
     (out / "napo_build.json").write_text(json.dumps(info, indent=2))
     return out
-
-
-def data_fingerprint(catalog: di.ItemCatalog) -> str:
-    h = hashlib.sha256()
-    for name in ("id2name.txt", "train.jsonl"):
-        p = catalog.path / name
-        p = p if p.exists() else p.with_name(name + ".gz")
-        h.update(p.read_bytes())
-    return h.hexdigest()[:16]
 
 
 def state_hash(model) -> str:
@@ -271,7 +262,7 @@ def tiny_path(dataset="lastfm", **overrides) -> Path:
     catalog = di.load_catalog(dataset)
     keyed = {k: v for k, v in opts.items() if v is not None}
     # the tokenizer is trained on the prompt templates, so they are part of the key too
-    key = hashlib.sha256(json.dumps([BUILDER_VERSION, keyed, data_fingerprint(catalog), di.TEMPLATES,
+    key = hashlib.sha256(json.dumps([BUILDER_VERSION, keyed, di.data_fingerprint(catalog), di.TEMPLATES,
                                      RECALL_TEMPLATES], sort_keys=True)
                          .encode()).hexdigest()[:12]
     target = cache_root() / "models" / f"tiny-{catalog.name}-{key}"

@@ -15,7 +15,6 @@ CLI:  python sasrec.py train --dataset lastfm --output_dir out/sasrec
 from __future__ import annotations
 
 import copy
-import gzip
 import hashlib
 import json
 import math
@@ -156,8 +155,6 @@ class SASRec(nn.Module):
         """Logits over all items, (B, n_items)."""
         return self.item_emb_out(h)
 
-    user_vectors_padded = user_vectors  # name used by napo_trainer.py (takes a padded id tensor)
-
     def forward(self, histories) -> torch.Tensor:
         return self.item_scores(self.user_vectors(histories))
 
@@ -173,17 +170,7 @@ class SASRec(nn.Module):
 # Checkpoints
 
 
-def data_fingerprint(catalog: di.ItemCatalog) -> str:
-    """sha256 (first 16 hex digits) of the text of id2name.txt and train.jsonl (a .gz copy hashes alike)."""
-    sha = hashlib.sha256()
-    for name in ("id2name.txt", "train.jsonl"):
-        path = catalog.path / name
-        opener = open if path.exists() else gzip.open
-        path = path if path.exists() else path.with_name(name + ".gz")
-        with opener(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                sha.update(chunk)
-    return sha.hexdigest()[:16]
+data_fingerprint = di.data_fingerprint  # one definition, in data_interface.py
 
 
 def _sha256_file(path: Path) -> str:
@@ -335,8 +322,10 @@ def _fit(dataset, epochs, batch_size, lr, seed, device, time_budget_s, max_train
 
 
 def cache_root(cache_dir=None) -> Path:
-    """<repo>/.cache, or $NAPO_CACHE, or the given folder."""
-    return Path(cache_dir or os.environ.get("NAPO_CACHE") or REPO_DIR / ".cache")
+    """The given folder, else the project's cache root (modeling.cache_root: $NAPO_CACHE or <repo>/.cache)."""
+    import modeling
+
+    return Path(cache_dir) if cache_dir else modeling.cache_root()
 
 
 def get_or_train_sasrec(dataset="lastfm", cache_dir=None, **train_kwargs) -> SASRec:

@@ -82,7 +82,7 @@ def test_user_vector_ignores_padding_and_batch():
     assert torch.allclose(alone[0], batched[1], atol=1e-6)
     # A tensor padded on the right (as a collator does), or wider than max_len, gives the same vectors.
     right = torch.tensor([[5, 9, 2] + [N_ITEMS] * 9, list(range(12))])
-    h_tensor = m.user_vectors_padded(right)
+    h_tensor = m.user_vectors(right)
     assert torch.allclose(h_tensor, m.user_vectors([short, list(range(2, 12))]), atol=1e-6)
     assert m.pad(right)[0].tolist() == [N_ITEMS] * 7 + short
     with pytest.raises(ValueError, match="only padding"):
