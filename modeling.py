@@ -410,12 +410,6 @@ def build(dataset="lastfm", base_model="tiny"):
     print(path)
 
 
-if __name__ == "__main__":
-    import fire
-
-    fire.Fire({"build": build})
-
-
 # --------------------------------------------------------------------------------------------------
 # Tokenization shared by every stage (SFT, preference training, ranking), so all score the same tokens
 
@@ -531,3 +525,9 @@ def decode(tokenizer, ids) -> str:
             continue
         pieces.append("".join(_B2U[b] for b in added[i].encode()) if i in added else tokenizer.convert_ids_to_tokens(i))
     return bytes(_U2B[c] for c in "".join(pieces)).decode("utf-8", errors="replace")
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire({"build": build})

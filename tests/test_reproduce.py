@@ -80,9 +80,11 @@ def test_second_run_skips_finished_stages(quick_run):
     assert seconds < quick_run["seconds"]
 
 
-def test_readme_generator_fills_the_markers(quick_run, tmp_path):
+def test_readme_generator_fills_the_markers(quick_run, tmp_path, monkeypatch):
     root = quick_run["root"]
     dirs = dict(results_dir=str(root / "results"), assets_dir=str(root / "assets"))
+    # a further run (another base model) is appended from its own results folder, with its command
+    monkeypatch.setattr(reproduce, "EXTRA_RUNS", [(str(root / "results"), "Another model", "bash other.sh")])
     readme = tmp_path / "README.md"
     readme.write_text("# NAPO\n\nintro\n\n<!-- results:start -->\nold numbers\n<!-- results:end -->\n\nfooter\n")
     reproduce.readme(readme_path=str(readme), **dirs)
@@ -100,6 +102,9 @@ def test_readme_generator_fills_the_markers(quick_run, tmp_path):
     assert any(ln.startswith("python softmax_dpo.py ") and "/napo --" in ln for ln in lines)
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", section)
     assert len(links) == len(reproduce.PLOTS) and all((readme.parent / link).exists() for link in links)
+    extra = section.split("### Another model")[1]
+    assert "```bash\nbash other.sh\n```" in extra and "| NAPO (`napo`) | clean |" in extra
+    assert "NAPO is more accurate than S-DPO" in extra and "**all stages**" in extra
     reproduce.readme(readme_path=str(readme), **dirs)
     assert readme.read_text() == text  # regenerating changes nothing
     plain = tmp_path / "plain.md"
@@ -118,6 +123,10 @@ def test_plan_dependencies_and_stale_stages(tmp_path):
     train = stages[2]
     assert "--num_negatives=7" in train.command_line() and "--max_train_samples=2048" in train.command_line()
     assert train.deps == ["sft:train", "sasrec:train"]
+    # sweeps and ablations are evaluated by ranking only; the main methods by all three modes
+    assert all("--generative=False --constrained=False" in s.command_line() for s in stages[3:])
+    main_eval = next(s for s in reproduce.plan(settings, "napo") if s.key == "napo:eval_clean")
+    assert "--generative=True --constrained=True" in main_eval.command_line()
     assert {s.method for s in reproduce.plan(settings)} == set(reproduce.METHODS)
     with pytest.raises(di.DataError, match="--methods: unknown nope"):
         reproduce.plan(settings, "napo,nope")
