@@ -100,25 +100,22 @@ METHODS = {
     "napo": dict(stage="softmax_dpo", start="sft", label="NAPO", group="main", flags=NAPO),
     # ablations of NAPO
     "napo_noshare": dict(stage="softmax_dpo", start="sft", label="NAPO, no sharing", group="ablation",
-                         flags={**NAPO, "share_negatives": False}),
+                         flags={**NAPO, "share_negatives": False}, eval_flags=RANKING_ONLY),
     "napo_fixed_margin": dict(stage="softmax_dpo", start="sft", label="NAPO, fixed margin (alpha=0)",
-                              group="ablation", flags={**NAPO, "alpha": 0.0}),
+                              group="ablation", flags={**NAPO, "alpha": 0.0}, eval_flags=RANKING_ONLY),
     "napo_batch_margin": dict(stage="softmax_dpo", start="sft", label="NAPO, batch margin", group="ablation",
-                              flags={**NAPO, "margin_mode": "batch"}),
+                              flags={**NAPO, "margin_mode": "batch"}, eval_flags=RANKING_ONLY),
     # number of own negatives K (K=3 is `sdpo` / `napo`)
     **{f"sdpo_k{k}": dict(stage="softmax_dpo", start="sft", label=f"S-DPO (K={k})", group="k_sweep",
-                          flags={**SDPO, "num_negatives": k}) for k in (1, 7, 15)},
+                          flags={**SDPO, "num_negatives": k}, eval_flags=RANKING_ONLY) for k in (1, 7, 15)},
     **{f"napo_k{k}": dict(stage="softmax_dpo", start="sft", label=f"NAPO (K={k})", group="k_sweep",
-                          flags={**NAPO, "num_negatives": k}) for k in (1, 7, 15)},
+                          flags={**NAPO, "num_negatives": k}, eval_flags=RANKING_ONLY) for k in (1, 7, 15)},
     # share of the batch whose negatives are shared (rho=0.7 is `napo`)
     "napo_rho05": dict(stage="softmax_dpo", start="sft", label="NAPO (rho=0.5)", group="rho_sweep",
-                       flags={**NAPO, "rho": 0.5}),
+                       flags={**NAPO, "rho": 0.5}, eval_flags=RANKING_ONLY),
     "napo_rho10": dict(stage="softmax_dpo", start="sft", label="NAPO (rho=1.0)", group="rho_sweep",
-                       flags={**NAPO, "rho": 1.0}),
+                       flags={**NAPO, "rho": 1.0}, eval_flags=RANKING_ONLY),
 }
-for _m in METHODS.values():
-    if _m["group"] in ("ablation", "k_sweep", "rho_sweep"):
-        _m.setdefault("eval_flags", RANKING_ONLY)
 # Series of the sweeps (plots and claim (a)), in increasing order of the swept value.
 SWEEPS = {
     "K": {"S-DPO": ["sdpo_k1", "sdpo", "sdpo_k7", "sdpo_k15"], "NAPO": ["napo_k1", "napo", "napo_k7", "napo_k15"]},
@@ -785,7 +782,8 @@ def commands_table(settings) -> str:
                                                                                       spec["stage"] + ".py")
         flags = " ".join(f"--{k}={_cli_value(v)}" for k, v in spec.get("flags", {}).items())
         if spec.get("eval_flags"):
-            flags += " (evaluated with " + " ".join(f"--{k}={_cli_value(v)}" for k, v in spec["eval_flags"].items()) + ")"
+            ev = " ".join(f"--{k}={_cli_value(v)}" for k, v in spec["eval_flags"].items())
+            flags += f" (evaluated with {ev})"
         lines.append(f"| `{m}` | `{script}` | {('`' + spec['start'] + '`') if spec.get('start') else ''} | "
                      f"{('`' + flags + '`') if flags else ''} |")
     common = {k: stage_flags(k, settings["quick"]) for k in ("sft", "dpo", "softmax_dpo", "inference")}

@@ -170,9 +170,6 @@ class SASRec(nn.Module):
 # Checkpoints
 
 
-data_fingerprint = di.data_fingerprint  # one definition, in data_interface.py
-
-
 def _sha256_file(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
@@ -310,7 +307,7 @@ def _fit(dataset, epochs, batch_size, lr, seed, device, time_budget_s, max_train
     model.eval()
     info = {
         "dataset": catalog.name, "dataset_path": str(catalog.path), "n_items": catalog.n_items,
-        "fingerprint": data_fingerprint(catalog),
+        "fingerprint": di.data_fingerprint(catalog),
         "val_metric": {"name": "hr@1", "split": "val", "protocol": "clean", "value": best},
         "best_epoch": best_epoch, "epochs_run": len(history), "train_rows": len(rows),
         "train": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "dropout": dropout,
@@ -333,7 +330,7 @@ def get_or_train_sasrec(dataset="lastfm", cache_dir=None, **train_kwargs) -> SAS
     (train_kwargs given, other than device/verbose/num_threads, add a hash of them to the folder name).
     Trained into a temporary sibling folder renamed into place, so a killed run leaves no half checkpoint."""
     catalog = di.load_catalog(dataset)
-    key = f"{catalog.name}-{data_fingerprint(catalog)}"
+    key = f"{catalog.name}-{di.data_fingerprint(catalog)}"
     train_kwargs.pop("output_dir", None)
     options = {k: v for k, v in train_kwargs.items() if k not in ("device", "verbose", "num_threads")}
     if options:
