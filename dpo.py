@@ -70,3 +70,5 @@ if __name__ == "__main__":
         fire.Fire(main, serialize=lambda _: None)
     except (di.DataError, modeling.ModelError) as e:
         sys.exit(f"error: {e}")
+    finally:
+        modeling.end_distributed()

@@ -483,6 +483,15 @@ def save_final(trainer, tokenizer, output_dir, run: dict) -> Path:
     return final
 
 
+def end_distributed() -> None:
+    """Shut the process group down, on every rank, before a multi-process stage exits: a rank that exits with
+    gloo still up can abort in gloo's threads ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def load_policy(base_model, dataset, start_adapter, quantize="auto"):
     """Base model + the SFT adapter as the trainable policy (its frozen copy becomes the reference)."""
     model, tokenizer, info = load_base_model(base_model, dataset, quantize=quantize)
