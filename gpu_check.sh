@@ -16,6 +16,7 @@ PYTHON="${PYTHON:-python3}"
 WHEELS="${NAPO_GPU_WHEELS:-gpu_wheels}"
 SITE="${NAPO_GPU_SITE:-/tmp/napo_gpu_site}"
 
+case " $* " in *" -h "*|*" --help "*) exec "$PYTHON" gpu_check.py --help ;; esac
 "$PYTHON" gpu_check.py --preflight "$@"
 
 if [ -d "$WHEELS" ]; then
