@@ -393,15 +393,21 @@ def load_adapter(model, adapter_path, trainable=False, adapter_name="default"):
 
 def training_precision_kwargs(info: dict | None = None) -> dict:
     """TRL configs default to bf16 + gradient checkpointing: right on CUDA (spec §8), wrong on CPU (fp32 is
-    faster there and bf16 raises). Paged AdamW when the model is 4-bit quantized (bitsandbytes present)."""
+    faster there and bf16 raises). Paged AdamW when the model is 4-bit quantized (bitsandbytes present).
+    The checkpointing flag is `activation_checkpointing` in transformers 5.24, `gradient_checkpointing` in older
+    5.x (the 5.17 of the GPU machines, gpu_check.sh)."""
+    from transformers import TrainingArguments
+
+    ckpt = ("activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+            else "gradient_checkpointing")
     if use_cuda():
-        kw = dict(bf16=True, activation_checkpointing=True)
+        kw = dict(bf16=True, **{ckpt: True})
         if info and info.get("quantized_4bit"):
             kw["optim"] = "paged_adamw_32bit"
         return kw
     # use_cpu: without it, accelerate sees LOCAL_RANK (torchrun) but no GPU and falls back to a
     # non-distributed state, so every process would train on all rows and save alone (no DDP, no gloo).
-    return dict(bf16=False, activation_checkpointing=False, dataloader_pin_memory=False, use_cpu=True)
+    return dict(bf16=False, dataloader_pin_memory=False, use_cpu=True, **{ckpt: False})
 
 
 def build(dataset="lastfm", base_model="tiny"):

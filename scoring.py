@@ -16,7 +16,8 @@ makes the causal-LM head project only the selected positions and return logits o
 (`modeling_utils.slice_logits_to_keep`). Calling the whole model (rather than its backbone + lm_head) keeps any
 model-specific logit post-processing, goes through PEFT's forward (LoRA adapters, `disable_adapter()`), and
 works with TRL's `add_fused_lm_head` patch, which only changes the forward when `fused_lm_head=True` is passed.
-No `labels` are passed.
+No `labels` are passed. Older transformers 5.x (5.17, as on the GPU machines) lack the boolean form: there every
+position's logits are computed and the kept ones selected (same values, more memory).
 
 Custom 4-D masks in transformers 5.24 (masking_utils.create_causal_mask): a 4-D tensor is returned as-is, so
 it must already be in the format of the attention kernel. `eager` ADDS it to the scores, so it must be a float
@@ -26,6 +27,8 @@ not supported by the shared path; use sdpa/eager or shared=False.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -48,6 +51,16 @@ def pad_left_or_right(seqs: list[list[int]], pad, side: str, length: int | None 
     raise ScoringInputError(f"scoring.py: padding_side must be 'left' or 'right', got {side!r}")
 
 
+@functools.lru_cache(maxsize=None)
+def _bool_logits_to_keep() -> bool:
+    """Whether this transformers takes a boolean 2-D `logits_to_keep` (5.24 does, via modeling_utils.
+    slice_logits_to_keep). Older 5.x releases, e.g. the 5.17 of the GPU machines (gpu_check.sh), index
+    `hidden_states[:, logits_to_keep]` and raise; there the full logits are computed and the kept rows taken."""
+    import transformers.modeling_utils as mu
+
+    return hasattr(mu, "slice_logits_to_keep")
+
+
 def _run(model, ids, pos, mask, src, tgt, owner, n_out):
     """One forward; returns (n_out,) fp32 sums of log p(tgt[t] | position src[t]) grouped by owner[t].
 
@@ -58,8 +71,12 @@ def _run(model, ids, pos, mask, src, tgt, owner, n_out):
     keep = torch.zeros(R * L, dtype=torch.bool, device=ids.device)
     keep[src] = True
     keep = keep.view(R, L)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep, use_cache=False)
-    logits = out.logits
+    if _bool_logits_to_keep():
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep, use_cache=False)
+        logits = out.logits
+    else:  # every position's logits, then the kept ones in the same row-major order
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+        logits = logits.reshape(R * L, -1)[keep.view(-1)]
     n_keep = int(keep.sum())
     if logits.shape[:-1] != (n_keep,):
         raise RuntimeError(
