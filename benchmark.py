@@ -46,6 +46,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import cli
+from cli import NapoError
+
 REPO_DIR = Path(__file__).resolve().parent
 FULL_KS = (1, 3, 7, 15, 19)
 QUICK_KS = (1, 3, 15)
@@ -59,7 +62,7 @@ TARGETS = {
 }
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(NapoError):
     """Bad option or a failed measurement; one line."""
 
 
@@ -448,6 +451,12 @@ def render_markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _check_ks(name, ks):
+    """Every K of --ks obeys K's rule (cli.RULES['num_negatives'])."""
+    return tuple(cli.RULES["num_negatives"](name, k) for k in ks)
+
+
+@cli.validated(ks=cli.Rule(check=_check_ks))
 def main(
     quick: bool = False,                  # reduced run: K in {1, 3, 15}, fewer steps and rows (< ~5 min here)
     base_model: str = "tiny",             # 'tiny' (embedded default), 'tiny-bpe', 'smollm2-135m' or a local folder
@@ -572,9 +581,4 @@ if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "_worker":
         worker(sys.argv[2], sys.argv[3])
     else:
-        import fire
-
-        try:
-            fire.Fire(main, serialize=lambda _: None)
-        except BenchmarkError as e:
-            sys.exit(f"error: {e}")
+        cli.run(main)

@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import torch
 
+from cli import NapoError
 
-class ScoringInputError(ValueError):
+
+class ScoringInputError(NapoError):
     """Malformed prompts/answers given to answer_logps."""
 
 
