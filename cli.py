@@ -324,7 +324,8 @@ def parse_argv(fn, argv: list[str], prog: str = "") -> dict:
         else:
             given[key] = argv[i + 1]
             skip = True
-    free = [n for n in names if n not in given]
+    # positional arguments fill only the required parameters (a stray word must not become --base_model)
+    free = [p.name for p in params if p.default is p.empty and p.name not in given]
     for n, v in zip(free, positional):
         given[n] = v
     if len(positional) > len(free):
