@@ -89,9 +89,11 @@ def test_bad_options_fail_before_training(stages, tmp_path):
         softmax_dpo.main(output_dir=str(tmp_path / "a"), num_negatives=20, **common)
     with pytest.raises(cli.OptionError, match="--rho 1.5"):
         softmax_dpo.main(output_dir=str(tmp_path / "a"), rho=1.5, **common)
-    with pytest.raises(modeling.ModelError, match="adapter_config.json"):
+    with pytest.raises(cli.OptionError, match="missing'?: no such folder"):
         softmax_dpo.main(**{**common, "resume_from_checkpoint": str(tmp_path / "missing")},
                          output_dir=str(tmp_path / "a"))
+    with pytest.raises(modeling.ModelError, match="adapter_config.json"):
+        softmax_dpo.main(**{**common, "resume_from_checkpoint": str(tmp_path)}, output_dir=str(tmp_path / "a"))
     assert not (tmp_path / "a").exists(), "nothing is written before the options are checked"
 
 
