@@ -490,8 +490,7 @@ def main(
     rank_repeats = rank_repeats if rank_repeats is not None else (3 if quick else 5)
     gen_rows = gen_rows if gen_rows is not None else (16 if quick else 32)
     threads = threads or torch.get_num_threads()
-    if min(ks) < 1 or max(ks) > 19 or steps < 1 or warmup < 0 or batch_size < 1 or rank_rows < 1:
-        raise BenchmarkError("need 1 <= K <= 19, --steps >= 1, --warmup >= 0, --batch_size >= 1, --rank_rows >= 1")
+    # the options' types and ranges (K's included) are checked by cli.validated, before this body runs
     missing = [k for k in (3, 15) if k not in ks]
     t_start, machine = time.time(), machine_info(threads)
     import modeling

@@ -298,11 +298,8 @@ def tiny_path(dataset="lastfm", **overrides) -> Path:
     target = models / f"tiny-{key}"
     if not (target / "config.json").exists():
         legacy = [p for p in models.glob(f"tiny-*-{key}") if (p / "config.json").exists()] if models.is_dir() else []
-        if legacy:  # a cache made before the folder was keyed by content only (tiny-<dataset>-<key>): keep it
-            with _file_lock(target.with_name(target.name + ".lock")):
-                if not (target / "config.json").exists():
-                    os.replace(legacy[0], target)
-            return target
+        if legacy:  # a cache made before the folder was keyed by content only (tiny-<dataset>-<key>): the same
+            return legacy[0]  # model; used where it is (a running job may hold that path)
         di.load_split(catalog, "train")  # the whole train split parses before a build starts
         user_sequences(catalog, "train")
     return _build_once(target, lambda tmp: build_tiny(catalog.path, tmp, **opts))
