@@ -56,6 +56,8 @@ class Rule:
         if v is None:
             return v
         if isinstance(v, (int, float)) and not isinstance(v, bool):
+            if not math.isfinite(v):
+                raise OptionError(f"--{name} {v}: expected a finite number")
             if self.gt is not None and not v > self.gt:
                 raise OptionError(f"--{name} {v}: must be > {self.gt}")
             if self.lo is not None and self.hi is not None and not self.lo <= v <= self.hi:
@@ -151,7 +153,7 @@ RULES: dict[str, Rule] = {
     "sft_rows": ROWS, "pref_rows": ROWS, "test_rows": ROWS, "max_samples": ROWS,
     "time_budget_s": Rule(gt=0, none=True),
     # rates and weights
-    "learning_rate": RATE, "lr": RATE, "beta": RATE, "max_grad_norm": RATE, "warmup_ratio": FRACTION,
+    "learning_rate": RATE, "lr": RATE, "beta": RATE, "max_grad_norm": Rule(lo=0), "warmup_ratio": FRACTION,
     "eval_step": Rule(lo=0), "lora_dropout": Rule(lo=0, hi=0.99), "dropout": Rule(lo=0, hi=0.99),
     "weight_decay": Rule(lo=0), "rho": FRACTION, "momentum": FRACTION, "gamma0": Rule(lo=0),
     "num_negatives": Rule(lo=1, hi=19),  # K: one negative per non-target candidate at most (NUM_CANDIDATES - 1)
