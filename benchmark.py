@@ -46,6 +46,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import cli
+from cli import NapoError
+
 REPO_DIR = Path(__file__).resolve().parent
 FULL_KS = (1, 3, 7, 15, 19)
 QUICK_KS = (1, 3, 15)
@@ -59,7 +62,7 @@ TARGETS = {
 }
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(NapoError):
     """Bad option or a failed measurement; one line."""
 
 
@@ -448,6 +451,12 @@ def render_markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _check_ks(name, ks):
+    """Every K of --ks obeys K's rule (cli.RULES['num_negatives'])."""
+    return tuple(cli.RULES["num_negatives"](name, k) for k in ks)
+
+
+@cli.validated(ks=cli.Rule(check=_check_ks))
 def main(
     quick: bool = False,                  # reduced run: K in {1, 3, 15}, fewer steps and rows (< ~5 min here)
     base_model: str = "tiny",             # 'tiny' (embedded default), 'tiny-bpe', 'smollm2-135m' or a local folder
@@ -481,8 +490,7 @@ def main(
     rank_repeats = rank_repeats if rank_repeats is not None else (3 if quick else 5)
     gen_rows = gen_rows if gen_rows is not None else (16 if quick else 32)
     threads = threads or torch.get_num_threads()
-    if min(ks) < 1 or max(ks) > 19 or steps < 1 or warmup < 0 or batch_size < 1 or rank_rows < 1:
-        raise BenchmarkError("need 1 <= K <= 19, --steps >= 1, --warmup >= 0, --batch_size >= 1, --rank_rows >= 1")
+    # the options' types and ranges (K's included) are checked by cli.validated, before this body runs
     missing = [k for k in (3, 15) if k not in ks]
     t_start, machine = time.time(), machine_info(threads)
     import modeling
@@ -572,9 +580,4 @@ if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "_worker":
         worker(sys.argv[2], sys.argv[3])
     else:
-        import fire
-
-        try:
-            fire.Fire(main, serialize=lambda _: None)
-        except BenchmarkError as e:
-            sys.exit(f"error: {e}")
+        cli.run(main)

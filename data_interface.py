@@ -24,6 +24,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from cli import NapoError, check_options
+
 REPO_DIR = Path(__file__).resolve().parent
 DATA_DIR = REPO_DIR / "data"
 SPLITS = ("train", "val", "test")
@@ -32,7 +34,7 @@ NUM_CANDIDATES = 20
 MIN_LEN_SEQ = 3
 
 
-class DataError(ValueError):
+class DataError(NapoError):
     """Bad input data or option; the message is one line naming the file, row or flag."""
 
 
@@ -80,6 +82,13 @@ def _open_text(path: Path):
     gz = path.with_name(path.name + ".gz")
     if gz.exists():
         return gzip.open(gz, "rt", encoding="utf-8")
+    pickles = sorted(p.name for p in path.parent.glob("*.df")) if path.parent.is_dir() else []
+    if pickles:
+        raise DataError(
+            f"{path}: file not found; this folder holds pickles ({', '.join(pickles)}), which are never loaded "
+            "(unpickling runs arbitrary code); convert each, once, where you trust them: python -c \"import pandas "
+            "as pd; pd.read_pickle('train_data.df')[['seq', 'len_seq', 'next']].to_json('train.jsonl', "
+            "orient='records', lines=True)\" (Val_data.df -> val.jsonl, Test_data.df -> test.jsonl)")
     raise DataError(f"{path}: file not found")
 
 
@@ -120,16 +129,12 @@ def load_catalog(dataset: str | os.PathLike) -> ItemCatalog:
 _ROW_CACHE: dict = {}
 
 
-def load_split(catalog: ItemCatalog, split: str) -> list[Row]:
-    """Kept rows (len_seq >= 3) of a split, validated. Cached per (folder, split)."""
+def split_records(catalog: ItemCatalog, split: str):
+    """(line number, seq, len_seq, next) of every non-blank line of a split file, short rows included, each
+    parsed as integers; a line that does not parse is a DataError naming file:line."""
     if split not in SPLITS:
         raise DataError(f"--split {split!r}: choose one of {', '.join(SPLITS)}")
     path = catalog.path / f"{split}.jsonl"
-    key = (str(path), catalog.n_items)
-    if key in _ROW_CACHE:
-        return _ROW_CACHE[key]
-    pad, n = catalog.pad_id, catalog.n_items
-    rows: list[Row] = []
     with _open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -140,23 +145,37 @@ def load_split(catalog: ItemCatalog, split: str) -> list[Row]:
                 seq = [int(x) for x in seq]
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
                 raise DataError(f"{path}:{lineno}: malformed row ({type(e).__name__}: {e})") from None
-            if len_seq < MIN_LEN_SEQ:
-                continue
-            if len_seq > len(seq):
-                raise DataError(f"{path}:{lineno}: len_seq {len_seq} exceeds the {len(seq)} ids in seq")
-            history = seq[:len_seq]
-            if all(x == pad for x in history):
-                raise DataError(f"{path}:{lineno}: the history holds only padding (id {pad})")
-            if pad in history:
-                raise DataError(f"{path}:{lineno}: padding id {pad} inside the first len_seq={len_seq} ids")
-            for x in history + [nxt]:
-                if not 0 <= x < n:
-                    raise DataError(f"{path}:{lineno}: unknown item id {x} (id2name has 0..{n - 1})")
-            for x in seq[len_seq:]:  # the tail: padding (or known ids); anything else is a foreign id
-                if not 0 <= x <= pad:
-                    raise DataError(f"{path}:{lineno}: unknown item id {x} in seq (id2name has 0..{n - 1}, "
-                                    f"padding id {pad})")
-            rows.append(Row(index=len(rows), history=history, target=nxt))
+            yield lineno, seq, len_seq, nxt
+
+
+def load_split(catalog: ItemCatalog, split: str) -> list[Row]:
+    """Kept rows (len_seq >= 3) of a split, validated. Cached per (folder, split)."""
+    if split not in SPLITS:
+        raise DataError(f"--split {split!r}: choose one of {', '.join(SPLITS)}")
+    path = catalog.path / f"{split}.jsonl"
+    key = (str(path), catalog.n_items)
+    if key in _ROW_CACHE:
+        return _ROW_CACHE[key]
+    pad, n = catalog.pad_id, catalog.n_items
+    rows: list[Row] = []
+    for lineno, seq, len_seq, nxt in split_records(catalog, split):
+        if len_seq < MIN_LEN_SEQ:
+            continue
+        if len_seq > len(seq):
+            raise DataError(f"{path}:{lineno}: len_seq {len_seq} exceeds the {len(seq)} ids in seq")
+        history = seq[:len_seq]
+        if all(x == pad for x in history):
+            raise DataError(f"{path}:{lineno}: the history holds only padding (id {pad})")
+        if pad in history:
+            raise DataError(f"{path}:{lineno}: padding id {pad} inside the first len_seq={len_seq} ids")
+        for x in history + [nxt]:
+            if not 0 <= x < n:
+                raise DataError(f"{path}:{lineno}: unknown item id {x} (id2name has 0..{n - 1})")
+        for x in seq[len_seq:]:  # the tail: padding (or known ids); anything else is a foreign id
+            if not 0 <= x <= pad:
+                raise DataError(f"{path}:{lineno}: unknown item id {x} in seq (id2name has 0..{n - 1}, "
+                                f"padding id {pad})")
+        rows.append(Row(index=len(rows), history=history, target=nxt))
     if not rows:
         raise DataError(f"{path}: no rows with len_seq >= {MIN_LEN_SEQ}")
     _ROW_CACHE[key] = rows
@@ -337,8 +356,7 @@ def preference_rows(catalog, split="train", protocol="clean", num_negatives=3, s
     """Preference rows: prompt, chosen (target title), rejected (K titles drawn, seeded, from the row's 19
     non-target candidates) and the item ids later stages need (history, target, negatives)."""
     check_protocol(protocol)
-    if not 1 <= int(num_negatives) <= NUM_CANDIDATES - 1:
-        raise DataError(f"--num_negatives {num_negatives}: must be between 1 and {NUM_CANDIDATES - 1}")
+    check_options({"num_negatives": num_negatives})  # K's one rule: cli.RULES
     rows = _select(load_split(catalog, split), max_samples)
     out = []
     for epoch in range(epochs):
@@ -407,11 +425,6 @@ def heuristic(dataset="lastfm", split="test", protocol="sdpo", seed=0, max_sampl
 
 
 if __name__ == "__main__":
-    import sys
+    import cli
 
-    import fire
-
-    try:
-        fire.Fire({"export": export, "heuristic": heuristic}, serialize=lambda _: None)
-    except DataError as e:
-        sys.exit(f"error: {e}")
+    cli.run({"export": cli.validated(export), "heuristic": cli.validated(heuristic)})

@@ -7,12 +7,12 @@ SFT adapter and keeps training it; the reference is the frozen SFT model (TRL co
 """
 from __future__ import annotations
 
-import sys
-
+import cli
 import modeling  # sets the offline environment first
 import data_interface as di
 
 
+@cli.validated
 def main(
     base_model: str = "tiny",
     dataset: str = "lastfm",
@@ -39,13 +39,15 @@ def main(
     from transformers import set_seed
     from trl import DPOConfig, DPOTrainer
 
-    set_seed(seed)
-    di.check_protocol(protocol)
     start, ckpt = modeling.resolve_start(resume_from_checkpoint, output_dir)
     catalog = di.load_catalog(dataset)
     rows = di.preference_rows(catalog, "train", protocol, 1, seed, num_train_epochs, max_train_samples)
+    base = modeling.check_start(base_model, dataset, start)  # the SFT adapter was trained on this base model
+    if ckpt:
+        modeling.check_adapter(ckpt, base=base)
     train = Dataset.from_dict({"prompt": [r["prompt"] for r in rows], "chosen": [r["chosen"] for r in rows],
                                "rejected": [r["rejected"][0] for r in rows]})
+    set_seed(seed)
     model, tokenizer, info = modeling.load_policy(base_model, dataset, start, quantize)
     args = DPOConfig(
         output_dir=output_dir, per_device_train_batch_size=batch_size,
@@ -56,7 +58,8 @@ def main(
         report_to=report_to, seed=seed, data_seed=seed,
         ddp_find_unused_parameters=False,  # every LoRA weight is used each step; True breaks checkpointing
         **modeling.training_precision_kwargs(info))
-    trainer = DPOTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
+                         callbacks=[modeling.base_record_callback(info)])
     modeling.record_start(output_dir, start, trainer.is_world_process_zero())
     trainer.train(resume_from_checkpoint=ckpt)
     modeling.save_final(trainer, tokenizer, output_dir, {
@@ -64,11 +67,4 @@ def main(
         "start_adapter": str(start), "train_rows": len(train), "epochs": num_train_epochs, "seed": seed})
 
 if __name__ == "__main__":
-    import fire
-
-    try:
-        fire.Fire(main, serialize=lambda _: None)
-    except (di.DataError, modeling.ModelError) as e:
-        sys.exit(f"error: {e}")
-    finally:
-        modeling.end_distributed()
+    cli.run(main)

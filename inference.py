@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import cli
 import modeling  # sets the offline environment first
 import data_interface as di
 import metrics as M
@@ -83,6 +84,7 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens, tries=None):
     return [modeling.decode(tokenizer, o[width:]).strip() for o in out]
 
 
+@cli.validated(resume_from_checkpoint=cli.Rule(check=cli.existing_folder))  # an adapter folder, not True
 def main(
     base_model: str = "tiny",              # 'tiny', 'smollm2-135m', or a local HF model folder
     dataset: str = "lastfm",
@@ -104,12 +106,14 @@ def main(
     import torch
     from tqdm import tqdm
 
-    rank, world = dist_info()
-    di.check_protocol(protocol)
-    if scoring_mode not in ("shared", "naive"):
-        raise di.DataError(f"--scoring_mode {scoring_mode!r}: choose shared or naive")
+    # every input is checked before a model is loaded: options (cli.validated), the rows, the base model
+    # folder and the adapter, trained on that very base model (its recorded fingerprint)
     catalog = di.load_catalog(dataset)
     rows = di.eval_rows(catalog, split, protocol, seed, max_test_samples)
+    base = modeling.resolve_base_model(base_model, dataset)
+    if resume_from_checkpoint:
+        modeling.check_adapter(resume_from_checkpoint, base=base)
+    rank, world = dist_info()
     model, tokenizer, info = modeling.load_base_model(base_model, dataset, quantize=quantize, for_training=False)
     if resume_from_checkpoint:
         model = modeling.load_adapter(model, resume_from_checkpoint, trainable=False)
@@ -162,6 +166,10 @@ def main(
     result.update({"model": info, "adapter": resume_from_checkpoint, "scoring_mode": scoring_mode,
                    "seconds": round(elapsed, 1), "processes": world})
     out = Path(output_dir)
+    # each file whole or absent; metrics.json (the "done" mark) goes first and comes back last, so a run killed
+    # in between never leaves an older metrics.json beside newer predictions
+    (out / "metrics.json").unlink(missing_ok=True)
+    modeling.clear_stale_tmp(out)
     di.atomic_write_text(out / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in preds))
     di.atomic_write_text(out / "metrics.json", json.dumps(result, indent=2))
     print(metrics_table([(resume_from_checkpoint or base_model, result)]))
@@ -212,11 +220,4 @@ def metrics_table(results: list[tuple[str, dict]]) -> str:
 
 
 if __name__ == "__main__":
-    import fire
-
-    try:
-        fire.Fire(main, serialize=lambda _: None)
-    except (di.DataError, modeling.ModelError) as e:
-        sys.exit(f"error: {e}")
-    finally:
-        modeling.end_distributed()
+    cli.run(main)

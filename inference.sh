@@ -1,22 +1,34 @@
 #!/usr/bin/env bash
 # Evaluate an adapter (default: every stage's final adapter that exists, else the SFT one) on the test split.
 #   ADAPTER=output/napo/final_checkpoint bash inference.sh        one adapter
+#   bash inference.sh --resume_from_checkpoint output/napo/final_checkpoint     the same
 #   bash inference.sh --max_test_samples 200                        extra arguments go to inference.py
 # Environment overrides: BASE_MODEL DATASET ADAPTER OUTPUT_DIR PROTOCOL MAX_TEST_SAMPLES NPROC
 set -euo pipefail
 source "$(dirname "$0")/launch.sh"
-run_one() {  # adapter, output dir
+# --resume_from_checkpoint X (or =X) among the arguments names the adapter, like ADAPTER=X
+args=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --resume_from_checkpoint=*) ADAPTER="${1#*=}"; shift ;;
+    --resume_from_checkpoint)
+      [ $# -ge 2 ] || { echo "error: --resume_from_checkpoint needs a value (the adapter folder)" >&2; exit 2; }
+      ADAPTER="$2"; shift 2 ;;
+    *) args+=("$1"); shift ;;
+  esac
+done
+run_one() {  # adapter, output dir, extra arguments
   launch inference.py --base_model "${BASE_MODEL:-tiny}" --dataset "${DATASET:-lastfm}" \
     --resume_from_checkpoint "$1" --output_dir "$2" --protocol "${PROTOCOL:-clean}" \
     --max_test_samples "${MAX_TEST_SAMPLES:--1}" "${@:3}"
 }
 if [ -n "${ADAPTER:-}" ]; then
-  run_one "$ADAPTER" "${OUTPUT_DIR:-$(dirname "$ADAPTER")/eval_${PROTOCOL:-clean}}" "$@"
+  run_one "$ADAPTER" "${OUTPUT_DIR:-$(dirname "$ADAPTER")/eval_${PROTOCOL:-clean}}" ${args[@]+"${args[@]}"}
 else
   found=0
   for stage in sft dpo sdpo napo; do
     a="output/$stage/final_checkpoint"
-    if [ -d "$a" ]; then found=1; run_one "$a" "output/$stage/eval_${PROTOCOL:-clean}" "$@"; fi
+    if [ -d "$a" ]; then found=1; run_one "$a" "output/$stage/eval_${PROTOCOL:-clean}" ${args[@]+"${args[@]}"}; fi
   done
-  [ "$found" = 1 ] || { echo "error: no adapter under output/*/final_checkpoint; set ADAPTER=..." >&2; exit 1; }
+  [ "$found" = 1 ] || { echo "error: no adapter under output/*/final_checkpoint; set ADAPTER=... or pass --resume_from_checkpoint" >&2; exit 2; }
 fi

@@ -29,6 +29,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 import torch  # noqa: E402
 
 import data_interface as di  # noqa: E402
+from cli import NapoError  # noqa: E402
 
 REPO_DIR = Path(__file__).resolve().parent
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -40,7 +41,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUILDER_VERSION = 3  # bump when build_tiny changes what it produces
 
 
-class ModelError(ValueError):
+class ModelError(NapoError):
     """A bad --base_model / adapter option; one line."""
 
 
@@ -62,13 +63,40 @@ def _file_lock(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def clear_stale_tmp(folder: Path) -> list[Path]:
+    """Remove `*.tmp<PID>` entries of `folder` whose process is gone (a build or write killed by a signal)."""
+    import re
+
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        m = re.search(r"\.tmp(\d+)$", p.name)
+        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
 def _build_once(target: Path, build_fn) -> Path:
-    """Build into a temporary sibling and rename: the cache never holds half a model."""
+    """Build into a temporary sibling and rename: the cache never holds half a model. Temporary folders of
+    builds killed earlier (their process is gone) are removed first."""
     if (target / "config.json").exists():
         return target
     with _file_lock(target.with_name(target.name + ".lock")):
         if (target / "config.json").exists():
             return target
+        clear_stale_tmp(target.parent)
         tmp = target.with_name(target.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -133,14 +161,12 @@ def user_sequences(catalog: di.ItemCatalog, split="train") -> list[list[int]]:
     history is empty starts a user; every row contributes its `next` item."""
     path = catalog.path / f"{split}.jsonl"
     seqs: list[list[int]] = []
-    with di._open_text(path) as f:
-        for line in f:
-            if not line.strip():
-                continue
-            obj = json.loads(line)
-            if obj["len_seq"] <= 1 and all(x == catalog.pad_id for x in obj["seq"]) or not seqs:
-                seqs.append([])
-            seqs[-1].append(int(obj["next"]))
+    for lineno, seq, len_seq, nxt in di.split_records(catalog, split):  # the validated parser: file:line errors
+        if not 0 <= nxt < catalog.n_items:
+            raise di.DataError(f"{path}:{lineno}: unknown item id {nxt} (id2name has 0..{catalog.n_items - 1})")
+        if len_seq <= 1 and all(x == catalog.pad_id for x in seq) or not seqs:
+            seqs.append([])
+        seqs[-1].append(nxt)
     return seqs
 
 
@@ -257,7 +283,10 @@ def state_hash(model) -> str:
 
 
 def tiny_path(dataset="lastfm", **overrides) -> Path:
-    """The cached embedded model for a dataset and build options; built on first use."""
+    """The cached embedded model for a dataset and build options; built on first use. The cache folder is
+    named by content only (builder version, options, the data's fingerprint, the templates), never by the
+    dataset folder's name: the same data under another folder name reuses the model. The train split is
+    checked (every row, file:line errors) before anything is built."""
     opts = {**TINY_DEFAULTS, **overrides}
     catalog = di.load_catalog(dataset)
     keyed = {k: v for k, v in opts.items() if v is not None}
@@ -265,7 +294,14 @@ def tiny_path(dataset="lastfm", **overrides) -> Path:
     key = hashlib.sha256(json.dumps([BUILDER_VERSION, keyed, di.data_fingerprint(catalog), di.TEMPLATES,
                                      RECALL_TEMPLATES], sort_keys=True)
                          .encode()).hexdigest()[:12]
-    target = cache_root() / "models" / f"tiny-{catalog.name}-{key}"
+    models = cache_root() / "models"
+    target = models / f"tiny-{key}"
+    if not (target / "config.json").exists():
+        legacy = [p for p in models.glob(f"tiny-*-{key}") if (p / "config.json").exists()] if models.is_dir() else []
+        if legacy:  # a cache made before the folder was keyed by content only (tiny-<dataset>-<key>): the same
+            return legacy[0]  # model; used where it is (a running job may hold that path)
+        di.load_split(catalog, "train")  # the whole train split parses before a build starts
+        user_sequences(catalog, "train")
     return _build_once(target, lambda tmp: build_tiny(catalog.path, tmp, **opts))
 
 
@@ -295,6 +331,19 @@ def smollm2_path() -> Path:
     return _build_once(cache_root() / "models" / "smollm2-135m", convert)
 
 
+BASE_MODEL_NAMES = ("tiny", "tiny-bpe", "smollm2-135m")
+
+
+def check_base_model_option(base_model) -> None:
+    """--base_model is one of the names or a local folder with config.json (checked without building or
+    loading anything)."""
+    if str(base_model) in BASE_MODEL_NAMES:
+        return
+    if not (Path(str(base_model)) / "config.json").exists():
+        raise ModelError(f"--base_model {str(base_model)!r}: not 'tiny', 'tiny-bpe', 'smollm2-135m' or a local model "
+                         "folder with config.json (nothing is downloaded)")
+
+
 def resolve_base_model(base_model: str = "tiny", dataset: str = "lastfm") -> Path:
     if base_model == "tiny":
         return tiny_path(dataset)
@@ -302,11 +351,85 @@ def resolve_base_model(base_model: str = "tiny", dataset: str = "lastfm") -> Pat
         return tiny_path(dataset, item_tokens=False)
     if base_model == "smollm2-135m":
         return smollm2_path()
-    p = Path(base_model)
-    if not (p / "config.json").exists():
-        raise ModelError(f"--base_model {base_model!r}: not 'tiny', 'tiny-bpe', 'smollm2-135m' or a local model "
-                         "folder with config.json (nothing is downloaded)")
-    return p
+    check_base_model_option(base_model)
+    return Path(base_model)
+
+
+# --------------------------------------------------------------------------------------------------
+# The identity of a base model, recorded in every adapter trained on it
+
+BASE_RECORD = "napo_base.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja")
+_FULL_HASH_BYTES = 256 << 20  # weight files up to this size are hashed whole; larger ones are sampled
+_SAMPLES, _SAMPLE_BYTES = 64, 1 << 20
+_FINGERPRINTS: dict = {}
+
+
+def base_fingerprint(path) -> str:
+    """sha256 (16 hex digits) of a model folder's identity: config.json, the tokenizer files and the weights
+    (files up to 256 MiB whole; larger ones by size + 64 spread 1 MiB samples + the safetensors header, so a
+    7B model costs ~64 MiB of reads), plus the state hash that built models record in napo_build.json.
+    Cached per process by (path, sizes, mtimes)."""
+    folder = Path(path).resolve()
+    names = ["config.json", *[f for f in TOKENIZER_FILES if (folder / f).exists()]]
+    weights = sorted(p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".gguf"))
+    stamp = tuple((n, (folder / n).stat().st_size, (folder / n).stat().st_mtime_ns) for n in names + weights)
+    if (folder, stamp) in _FINGERPRINTS:
+        return _FINGERPRINTS[folder, stamp]
+    h = hashlib.sha256()
+    for n in names:
+        h.update(n.encode() + b"\0" + (folder / n).read_bytes() + b"\0")
+    for n in weights:
+        size = (folder / n).stat().st_size
+        h.update(f"{n}\0{size}\0".encode())
+        with open(folder / n, "rb") as f:
+            if size <= _FULL_HASH_BYTES:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    h.update(block)
+            else:
+                head = f.read(8)
+                h.update(head)
+                if n.endswith(".safetensors"):  # the header: every tensor's name, dtype, shape and offsets
+                    h.update(f.read(int.from_bytes(head, "little")))
+                for i in range(_SAMPLES):
+                    f.seek((size - _SAMPLE_BYTES) * i // (_SAMPLES - 1))
+                    h.update(f.read(_SAMPLE_BYTES))
+    build = folder / "napo_build.json"
+    if build.exists():
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            h.update(json.loads(build.read_text())["state_sha256"].encode())
+    fp = h.hexdigest()[:16]
+    _FINGERPRINTS[folder, stamp] = fp
+    return fp
+
+
+def base_record(info: dict) -> dict:
+    """What an adapter records of the base model it is trained on (`info` from load_base_model)."""
+    return {"base_model": info["base_model"], "path": info["path"], "fingerprint": base_fingerprint(info["path"])}
+
+
+def write_base_record(folder, record: dict) -> None:
+    di.atomic_write_text(Path(folder) / BASE_RECORD, json.dumps(record, indent=2) + "\n")
+
+
+def base_record_callback(info: dict):
+    """A TrainerCallback that writes the base-model record into every checkpoint-N the Trainer saves, so a
+    checkpoint evaluated or resumed on another base model is refused like a final adapter."""
+    from transformers import TrainerCallback
+
+    record = base_record(info)
+
+    class BaseRecord(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if state.is_world_process_zero and ckpt.is_dir():
+                write_base_record(ckpt, record)
+
+    return BaseRecord()
+
+
+_WARNED: set = set()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -377,17 +500,45 @@ def lora_config(r=8, alpha=32, dropout=0.1):
                       bias="none", task_type="CAUSAL_LM")
 
 
-def check_adapter(path, what="--resume_from_checkpoint") -> Path:
+def check_adapter(path, what="--resume_from_checkpoint", base=None) -> Path:
+    """The folder holds a LoRA adapter; with `base` (a base model folder), the adapter was trained on that
+    very model: the fingerprint it recorded (napo_base.json) must equal the base's. An adapter without the
+    record (made before it existed) passes with a one-line warning."""
     p = Path(path)
     if not (p / "adapter_config.json").exists():
-        raise ModelError(f"{what} {path!r}: no LoRA adapter there (adapter_config.json missing)")
+        raise ModelError(f"{what} {str(path)!r}: no LoRA adapter there (adapter_config.json missing)")
+    if base is not None:
+        check_adapter_base(p, base, what)
     return p
+
+
+def check_adapter_base(adapter, base, what="--resume_from_checkpoint") -> None:
+    import sys
+
+    rec_file = Path(adapter) / BASE_RECORD
+    if not rec_file.exists():
+        if str(adapter) not in _WARNED:
+            _WARNED.add(str(adapter))
+            print(f"warning: {adapter}: no {BASE_RECORD} (an adapter from before base models were recorded); "
+                  f"cannot check that it was trained on {base}", file=sys.stderr, flush=True)
+        return
+    try:
+        rec = json.loads(rec_file.read_text())
+        want = rec["fingerprint"]
+    except (ValueError, KeyError, TypeError):
+        raise ModelError(f"{rec_file}: unreadable base-model record") from None
+    have = base_fingerprint(base)
+    if want != have:
+        raise ModelError(f"{what} {adapter}: trained on base model {rec.get('path')} (fingerprint {want}), not on "
+                         f"{base} (fingerprint {have}); pass the base model it was trained on "
+                         f"(--base_model {rec.get('base_model')})")
 
 
 def load_adapter(model, adapter_path, trainable=False, adapter_name="default"):
     from peft import PeftModel
 
-    path = check_adapter(adapter_path)
+    base = getattr(model, "name_or_path", None)
+    path = check_adapter(adapter_path, base=base if base and (Path(base) / "config.json").exists() else None)
     return PeftModel.from_pretrained(model, str(path), is_trainable=trainable, adapter_name=adapter_name)
 
 
@@ -468,6 +619,24 @@ def resolve_start(resume_from_checkpoint, output_dir) -> tuple[Path, str | None]
     return check_adapter(start, f"{start_file} start_adapter"), ckpt
 
 
+def check_trainer_checkpoint(resume_from_checkpoint, output_dir, base=None) -> str:
+    """A Trainer checkpoint (checkpoint-N with trainer_state.json; True: the latest in output_dir) to continue
+    a run of the same stage, trained on `base` when given."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if resume_from_checkpoint is True or str(resume_from_checkpoint) == "True":
+        ckpt = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+        if ckpt is None:
+            raise ModelError(f"--resume_from_checkpoint True: no checkpoint-N folder in {output_dir}")
+    else:
+        ckpt = str(resume_from_checkpoint)
+        if not (Path(ckpt) / "trainer_state.json").exists():
+            raise ModelError(f"--resume_from_checkpoint {ckpt}: not a Trainer checkpoint (a checkpoint-N folder "
+                             "with trainer_state.json, saved with --save_steps)")
+    check_adapter(ckpt, base=base)
+    return ckpt
+
+
 def record_start(output_dir, start_adapter, is_main=True):
     if is_main:
         di.atomic_write_text(Path(output_dir) / "start.json",
@@ -479,12 +648,24 @@ def save_final(trainer, tokenizer, output_dir, run: dict) -> Path:
     napo_run.json (options + training log) to output_dir/final_checkpoint, on the main process only."""
     final = Path(output_dir) / "final_checkpoint"
     if trainer.is_world_process_zero():
+        # written into a temporary sibling, then renamed: a run killed while saving leaves no final_checkpoint
+        # (only final_checkpoint.tmp<PID>, removed by the next save)
+        clear_stale_tmp(final.parent)
+        tmp = final.with_name(f"{final.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
         model = trainer.model
         kwargs = {"selected_adapters": ["default"]} if "ref" in getattr(model, "peft_config", {}) else {}
-        model.save_pretrained(final, **kwargs)
-        tokenizer.save_pretrained(final)
+        model.save_pretrained(tmp, **kwargs)
+        tokenizer.save_pretrained(tmp)
+        if isinstance(run.get("model"), dict) and "path" in run["model"]:
+            write_base_record(tmp, base_record(run["model"]))
         run = {**run, "log_history": trainer.state.log_history}
-        di.atomic_write_text(final / "napo_run.json", json.dumps(run, indent=2))
+        di.atomic_write_text(tmp / "napo_run.json", json.dumps(run, indent=2))
+        old = final.with_name(f"{final.name}.old.tmp{os.getpid()}")
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
         print(f"saved adapter to {final}")
     return final
 
@@ -492,10 +673,9 @@ def save_final(trainer, tokenizer, output_dir, run: dict) -> Path:
 def end_distributed() -> None:
     """Shut the process group down, on every rank, before a multi-process stage exits: a rank that exits with
     gloo still up can abort in gloo's threads ("terminate called without an active exception")."""
-    import torch.distributed as dist
+    import cli
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    cli.end_distributed()
 
 
 def load_policy(base_model, dataset, start_adapter, quantize="auto"):
@@ -503,6 +683,14 @@ def load_policy(base_model, dataset, start_adapter, quantize="auto"):
     model, tokenizer, info = load_base_model(base_model, dataset, quantize=quantize)
     model = load_adapter(model, start_adapter, trainable=True)
     return model, tokenizer, info
+
+
+def check_start(base_model, dataset, start_adapter, what="--resume_from_checkpoint") -> Path:
+    """Before a preference stage loads anything: the base model folder (built if need be) and the start
+    adapter trained on it. Returns the base model's folder."""
+    base = resolve_base_model(base_model, dataset)
+    check_adapter(start_adapter, what, base=base)
+    return base
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -543,6 +731,6 @@ def decode(tokenizer, ids) -> str:
 
 
 if __name__ == "__main__":
-    import fire
+    import cli
 
-    fire.Fire({"build": build})
+    cli.run({"build": build})

@@ -23,6 +23,8 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from cli import NapoError
+
 __all__ = [
     "NAPOLossError",
     "rewards",
@@ -41,7 +43,7 @@ __all__ = [
 MARGIN_MODES = ("user", "batch", "none")
 
 
-class NAPOLossError(ValueError):
+class NAPOLossError(NapoError):
     """Bad input to a function of napo_losses.py."""
 
 

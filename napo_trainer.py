@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from trl import DPOTrainer
 
+import cli
 import data_interface as di
 import modeling
 import scoring
@@ -50,16 +51,8 @@ class NAPOConfig:
     shared_scoring: bool = True     # encode each prompt once (False: naive prompt+answer concatenation)
 
     def validate(self):
-        if not 1 <= self.num_negatives <= di.NUM_CANDIDATES - 1:
-            raise di.DataError(f"--num_negatives {self.num_negatives}: must be between 1 and {di.NUM_CANDIDATES - 1}")
-        if not 0.0 <= self.rho <= 1.0:
-            raise di.DataError(f"--rho {self.rho}: must be in [0, 1]")
-        if self.margin_mode not in MARGIN_MODES:
-            raise di.DataError(f"--margin_mode {self.margin_mode!r}: choose one of {', '.join(MARGIN_MODES)}")
-        if not 0.0 <= self.momentum <= 1.0:
-            raise di.DataError(f"--momentum {self.momentum}: must be in [0, 1]")
-        if self.beta <= 0:
-            raise di.DataError(f"--beta {self.beta}: must be > 0")
+        """The options' rules of the command line (cli.RULES: K, rho, margin mode, momentum, beta, gamma0)."""
+        cli.check_options(asdict(self))
 
     @property
     def needs_sasrec(self) -> bool:

@@ -976,12 +976,6 @@ def commands(quick: bool = False, base_model: str = "tiny", out: str = None, sft
 COMMANDS = {"run": run, "report": report, "readme": readme, "commands": commands, "baseline": baseline}
 
 if __name__ == "__main__":
-    import fire
+    import cli
 
-    argv = sys.argv[1:]
-    if not argv or argv[0].startswith("-"):
-        argv = ["run"] + argv
-    try:
-        fire.Fire(COMMANDS, command=argv, serialize=lambda _: None)
-    except di.DataError as e:
-        sys.exit(f"error: {e}")
+    cli.run({name: cli.validated(fn) for name, fn in COMMANDS.items()}, default="run")

@@ -20,7 +20,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -33,13 +32,14 @@ from safetensors.torch import load_file, save_file
 
 import data_interface as di
 import metrics
+from cli import NapoError
 
 REPO_DIR = Path(__file__).resolve().parent
 WEIGHTS_FILE = "sasrec.safetensors"
 CONFIG_FILE = "sasrec_config.json"
 
 
-class SASRecError(ValueError):
+class SASRecError(NapoError):
     """Bad checkpoint or option; the message is one line naming the file or flag."""
 
 
@@ -414,9 +414,6 @@ def evaluate(checkpoint, protocol="clean", dataset=None, split="test", seed=0, m
 
 
 if __name__ == "__main__":
-    import fire
+    import cli
 
-    try:
-        fire.Fire({"train": train, "evaluate": evaluate})
-    except ValueError as e:  # DataError / SASRecError: one line, no traceback
-        sys.exit(f"error: {e}")
+    cli.run({"train": cli.validated(train), "evaluate": cli.validated(evaluate)})

@@ -32,8 +32,10 @@ import functools
 
 import torch
 
+from cli import NapoError
 
-class ScoringInputError(ValueError):
+
+class ScoringInputError(NapoError):
     """Malformed prompts/answers given to answer_logps."""
 
 

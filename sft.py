@@ -9,8 +9,7 @@ dataset, so the trainer runs one pass over `num_train_epochs` copies). Saves ada
 """
 from __future__ import annotations
 
-import sys
-
+import cli
 import modeling  # sets the offline environment first
 import data_interface as di
 
@@ -31,6 +30,7 @@ def tokenized_sft_dataset(tokenizer, rows, cutoff_len, what):
     return Dataset.from_dict({"input_ids": ids, "completion_mask": masks})
 
 
+@cli.validated
 def main(
     base_model: str = "tiny",            # 'tiny' (embedded default), 'smollm2-135m', or a local HF model folder
     dataset: str = "lastfm",             # dataset name under data/ or a dataset folder
@@ -60,15 +60,19 @@ def main(
     from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
-    set_seed(seed)
-    di.check_protocol(protocol)
+    # every input is checked before a model is loaded or a file written: options (cli.validated), data rows,
+    # the base model folder, the checkpoint to resume and the base model it was trained on
     catalog = di.load_catalog(dataset)
-    model, tokenizer, info = modeling.load_base_model(base_model, dataset, quantize=quantize)
-    train = tokenized_sft_dataset(tokenizer, di.sft_rows(catalog, "train", protocol, seed, num_train_epochs,
-                                                         max_train_samples), cutoff_len, "train")
+    train_rows = di.sft_rows(catalog, "train", protocol, seed, num_train_epochs, max_train_samples)
     do_eval = eval_step > 0 and max_eval_samples != 0
-    evals = tokenized_sft_dataset(tokenizer, di.sft_rows(catalog, "val", protocol, seed, 1, max_eval_samples),
-                                  cutoff_len, "val") if do_eval else None
+    eval_rows = di.sft_rows(catalog, "val", protocol, seed, 1, max_eval_samples) if do_eval else None
+    base = modeling.resolve_base_model(base_model, dataset)
+    if resume_from_checkpoint:
+        resume_from_checkpoint = modeling.check_trainer_checkpoint(resume_from_checkpoint, output_dir, base)
+    set_seed(seed)
+    model, tokenizer, info = modeling.load_base_model(base_model, dataset, quantize=quantize)
+    train = tokenized_sft_dataset(tokenizer, train_rows, cutoff_len, "train")
+    evals = tokenized_sft_dataset(tokenizer, eval_rows, cutoff_len, "val") if do_eval else None
     args = SFTConfig(
         output_dir=output_dir, per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size,
         gradient_accumulation_steps=gradient_accumulation_steps, learning_rate=learning_rate,
@@ -80,7 +84,7 @@ def main(
         report_to=report_to, seed=seed, data_seed=seed, remove_unused_columns=False,
         ddp_find_unused_parameters=False, **modeling.training_precision_kwargs(info))
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evals,
-                         processing_class=tokenizer,
+                         processing_class=tokenizer, callbacks=[modeling.base_record_callback(info)],
                          peft_config=modeling.lora_config(lora_r, lora_alpha, lora_dropout))
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     final = modeling.save_final(trainer, tokenizer, output_dir, {
@@ -89,11 +93,4 @@ def main(
     return str(final)
 
 if __name__ == "__main__":
-    import fire
-
-    try:
-        fire.Fire(main, serialize=lambda _: None)
-    except (di.DataError, modeling.ModelError) as e:
-        sys.exit(f"error: {e}")
-    finally:
-        modeling.end_distributed()
+    cli.run(main)

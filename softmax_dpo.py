@@ -11,13 +11,14 @@ does not enlarge it).
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import asdict
 
+import cli
 import modeling  # sets the offline environment first
 import data_interface as di
 
 
+@cli.validated
 def main(
     base_model: str = "tiny",
     dataset: str = "lastfm",
@@ -59,16 +60,17 @@ def main(
 
     from napo_trainer import NAPOConfig, NAPOTrainer
 
-    set_seed(seed)
-    di.check_protocol(protocol)
     napo = NAPOConfig(num_negatives=num_negatives, beta=beta, reference=reference, share_negatives=share_negatives,
                       rho=rho, margin_mode=margin_mode, gamma0=gamma0, alpha=alpha, momentum=momentum,
-                      clamp_margin=clamp_margin, shared_scoring=shared_scoring)
-    napo.validate()
+                      clamp_margin=clamp_margin, shared_scoring=shared_scoring)  # options checked by cli.validated
     if precompute_ref_log_probs and not reference:
-        raise di.DataError("--precompute_ref_log_probs True needs --reference True")
+        raise cli.OptionError("--precompute_ref_log_probs True needs --reference True")
     start, ckpt = modeling.resolve_start(resume_from_checkpoint, output_dir)
     catalog = di.load_catalog(dataset)
+    rows = di.preference_rows(catalog, "train", protocol, num_negatives, seed, num_train_epochs, max_train_samples)
+    base = modeling.check_start(base_model, dataset, start)  # the SFT adapter was trained on this base model
+    if ckpt:
+        modeling.check_adapter(ckpt, base=base)
     sasrec = None
     if napo.needs_sasrec:
         import sasrec as sr
@@ -78,8 +80,8 @@ def main(
         else:  # under torchrun the first process trains and caches it, the others wait on the lock and load it
             with modeling._file_lock(sr.cache_root() / "sasrec" / f"{catalog.name}.lock"):
                 sasrec = sr.get_or_train_sasrec(dataset)
-    rows = di.preference_rows(catalog, "train", protocol, num_negatives, seed, num_train_epochs, max_train_samples)
     train = Dataset.from_list(rows)
+    set_seed(seed)
     model, tokenizer, info = modeling.load_policy(base_model, dataset, start, quantize)
     args = DPOConfig(
         output_dir=output_dir, per_device_train_batch_size=batch_size,
@@ -92,7 +94,7 @@ def main(
         ddp_find_unused_parameters=False,  # every LoRA weight is used each step; True breaks checkpointing
         **modeling.training_precision_kwargs(info))
     trainer = NAPOTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer, napo=napo,
-                          sasrec=sasrec, pad_item_id=catalog.pad_id)
+                          sasrec=sasrec, pad_item_id=catalog.pad_id, callbacks=[modeling.base_record_callback(info)])
     modeling.record_start(output_dir, start, trainer.is_world_process_zero())
     trainer.train(resume_from_checkpoint=ckpt)
     modeling.save_final(trainer, tokenizer, output_dir, {
@@ -101,14 +103,4 @@ def main(
         "epochs": num_train_epochs, "seed": seed, "M_bar": trainer.M_bar})
 
 if __name__ == "__main__":
-    import fire
-
-    from napo_losses import NAPOLossError
-    from sasrec import SASRecError
-
-    try:
-        fire.Fire(main, serialize=lambda _: None)
-    except (di.DataError, modeling.ModelError, SASRecError, NAPOLossError) as e:
-        sys.exit(f"error: {e}")
-    finally:
-        modeling.end_distributed()
+    cli.run(main)

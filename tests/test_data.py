@@ -389,7 +389,9 @@ def test_preference_rows(cat, protocol, k):
 
 @pytest.mark.parametrize("k", [0, 20, -1])
 def test_preference_rows_bad_num_negatives(cat, k):
-    with pytest.raises(DataError, match="--num_negatives"):
+    import cli
+
+    with pytest.raises(cli.OptionError, match="--num_negatives"):
         di.preference_rows(cat, "train", "clean", num_negatives=k, max_samples=5)
 
 

@@ -78,19 +78,22 @@ def test_dpo_sdpo_napo_then_inference(stages):
 
 
 def test_bad_options_fail_before_training(stages, tmp_path):
+    import cli
     import softmax_dpo
 
     common = dict(base_model=stages["model"], resume_from_checkpoint=stages["sft"], max_train_samples=8,
                   sasrec_checkpoint=stages["sasrec"])
-    with pytest.raises(di.DataError, match="--num_negatives 0"):
+    with pytest.raises(cli.OptionError, match="--num_negatives 0"):
         softmax_dpo.main(output_dir=str(tmp_path / "a"), num_negatives=0, **common)
-    with pytest.raises(di.DataError, match="--num_negatives 20"):
+    with pytest.raises(cli.OptionError, match="--num_negatives 20"):
         softmax_dpo.main(output_dir=str(tmp_path / "a"), num_negatives=20, **common)
-    with pytest.raises(di.DataError, match="--rho 1.5"):
+    with pytest.raises(cli.OptionError, match="--rho 1.5"):
         softmax_dpo.main(output_dir=str(tmp_path / "a"), rho=1.5, **common)
-    with pytest.raises(modeling.ModelError, match="adapter_config.json"):
+    with pytest.raises(cli.OptionError, match="missing'?: no such folder"):
         softmax_dpo.main(**{**common, "resume_from_checkpoint": str(tmp_path / "missing")},
                          output_dir=str(tmp_path / "a"))
+    with pytest.raises(modeling.ModelError, match="adapter_config.json"):
+        softmax_dpo.main(**{**common, "resume_from_checkpoint": str(tmp_path)}, output_dir=str(tmp_path / "a"))
     assert not (tmp_path / "a").exists(), "nothing is written before the options are checked"
 
 
