@@ -1,4 +1,4 @@
-"""Cost benchmark (issue 4, spec section 10): training step time and peak memory of SFT, DPO (TRL),
+"""Cost benchmark: training step time and peak memory of SFT, DPO (TRL),
 S-DPO/NAPO with naive scoring and NAPO with prefix-shared scoring, plus ranking and generation time.
 
     OMP_NUM_THREADS=1 python benchmark.py --quick --threads 1   # K in {1, 3, 15}: ~2-3 minutes on this 2-core CPU
@@ -49,7 +49,7 @@ from pathlib import Path
 REPO_DIR = Path(__file__).resolve().parent
 FULL_KS = (1, 3, 7, 15, 19)
 QUICK_KS = (1, 3, 15)
-# issue 4 "done when" targets: ratio key -> (comparison, bound)
+# the cost targets this project holds NAPO to: ratio key -> (comparison, bound)
 TARGETS = {
     "napo_k3_over_sft": ("<=", 1.5),
     "napo_k15_over_sft": ("<=", 2.0),

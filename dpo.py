@@ -21,7 +21,7 @@ def main(
     protocol: str = "clean",
     batch_size: int = 8,
     gradient_accumulation_steps: int = 1,
-    learning_rate: float = 1e-4,         # spec §8 uses 1e-5 for 7B models
+    learning_rate: float = 1e-4,         # the NAPO authors' 7B scripts use 1e-5
     num_train_epochs: int = 1,
     beta: float = 1.0,
     cutoff_len: int = 512,

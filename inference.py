@@ -1,4 +1,4 @@
-"""Evaluate a base model (+ optional LoRA adapter) on the 20-candidate test rows (spec §7).
+"""Evaluate a base model (+ optional LoRA adapter) on the 20-candidate test rows.
 
     python inference.py --resume_from_checkpoint output/sft/final_checkpoint --output_dir output/eval_sft
 

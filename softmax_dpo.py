@@ -1,4 +1,5 @@
-"""Stage 2b — S-DPO and NAPO (NAPO by default, spec §8 values).
+"""Stage 2b — S-DPO and NAPO (NAPO by default, with the NAPO authors' values:
+K=3, rho=0.7, gamma0=1, alpha=0.3, momentum=0.9, beta=1, reference-free).
 
     python softmax_dpo.py --resume_from_checkpoint output/sft/final_checkpoint --output_dir output/napo
 
@@ -26,7 +27,7 @@ def main(
     protocol: str = "clean",
     batch_size: int = 16,                # per-device batch; the sharing pool is the global batch
     gradient_accumulation_steps: int = 1,
-    learning_rate: float = 1e-4,         # spec §8 uses 1e-5 for 7B models
+    learning_rate: float = 1e-4,         # the NAPO authors' 7B scripts use 1e-5
     num_train_epochs: int = 1,
     beta: float = 1.0,
     num_negatives: int = 3,              # K (1..19)

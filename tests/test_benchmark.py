@@ -1,5 +1,5 @@
 """benchmark.py in its smallest configuration on the small local model: every method runs, the JSON has the
-issue-4 keys, and ranking with the prompt encoded once gives the naive path's ranking. Timings are not asserted."""
+target-ratio keys, and ranking with the prompt encoded once gives the naive path's ranking. Timings are not asserted."""
 import json
 
 import torch
