@@ -402,41 +402,39 @@ def _fmt(x, digits=3):
 
 
 def render_markdown(res: dict) -> str:
+    from report import markdown_table
+
     mc, cfg = res["machine"], res["config"]
     sft = next(r for r in res["training"] if r["method"] == "sft")
+    train = [[LABELS[r["method"]], r["K"] if r["method"].startswith("napo") else "—", f"{r['step_s']:.3f}",
+              f"{r['step_s_min']:.3f}", _fmt(_ratio(r["step_s"], sft["step_s"]), 2), f"{r['peak_rss_mb']:.0f}",
+              f"{r['delta_rss_mb']:.0f}", _fmt(_ratio(r["delta_rss_mb"], sft["delta_rss_mb"]), 2), r["timed_with"]]
+             for r in res["training"]]
     lines = [f"Machine: {mc['cpu']}, {mc['cores']} cores, torch {mc['torch']} with {mc['torch_threads']} thread(s), "
              f"load average at start {', '.join(f'{x:.2f}' for x in mc['load_average_at_start'])}.",
              f"Model: `{cfg['base_model']}` ({res['model_path']}); batch size {cfg['batch_size']}; "
              f"{cfg['n_rows']} train rows ({cfg['warmup']} warm-up + {cfg['steps']} timed steps, median); "
              f"NAPO: reference={cfg['reference']}, sharing on, margin `user`; timing via {res['timing']}.",
              f"Command: `{res['command']}`", "",
-             "| method | K | s/step (median) | s/step (min) | × SFT | peak RSS MB | Δ RSS MB | Δ × SFT "
-             "| timed with |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for r in res["training"]:
-        lines.append(f"| {LABELS[r['method']]} | {r['K'] if r['method'].startswith('napo') else '—'} | "
-                     f"{r['step_s']:.3f} | {r['step_s_min']:.3f} | {_fmt(_ratio(r['step_s'], sft['step_s']), 2)} | "
-                     f"{r['peak_rss_mb']:.0f} | {r['delta_rss_mb']:.0f} | "
-                     f"{_fmt(_ratio(r['delta_rss_mb'], sft['delta_rss_mb']), 2)} | {r['timed_with']} |")
+             markdown_table(["method", "K", "s/step (median)", "s/step (min)", "× SFT", "peak RSS MB", "Δ RSS MB",
+                             "Δ × SFT", "timed with"], train, ["", "r", "r", "r", "r", "r", "r", "r", ""])]
     rk = res["ranking"]
+    pf = rk["prompt_forward_s_per_row"]
+    ranking = [[name, f"{rk[key] * 1000:.2f}", _fmt(_ratio(rk[key], pf), 2)] for name, key in (
+        ("one prompt forward (last-position logits)", "prompt_forward_s_per_row"),
+        ("rank 20 candidates, shared", "rank_shared_s_per_row"),
+        ("rank 20 candidates, naive", "rank_naive_s_per_row"),
+        (f"generate (greedy, ≤{cfg['max_new_tokens']} tokens, {rk['generation_rows']} rows)", "generate_s_per_row"))]
+    targets = [[key, _fmt(t["value"], 2), f"{t['op']} {t['bound']}", "yes" if t["pass"] else "NO"]
+               for key, t in res["targets"].items()]
+    targets.append(["identical_ranking", rk["identical_ranking"], "true", "yes" if rk["identical_ranking"] else "NO"])
     lines += ["", f"Ranking {rk['rows']} test rows × 20 candidates (batch {cfg['batch_size']}, no_grad; prompt ≈ "
                   f"{rk['prompt_tokens_mean']:.0f} tokens, answer ≈ {rk['answer_tokens_mean']:.1f}):", "",
-              "| per test row | ms | × prompt forward |", "|---|---:|---:|"]
-    pf = rk["prompt_forward_s_per_row"]
-    for name, key in (("one prompt forward (last-position logits)", "prompt_forward_s_per_row"),
-                      ("rank 20 candidates, shared", "rank_shared_s_per_row"),
-                      ("rank 20 candidates, naive", "rank_naive_s_per_row"),
-                      (f"generate (greedy, ≤{cfg['max_new_tokens']} tokens, {rk['generation_rows']} rows)",
-                       "generate_s_per_row")):
-        lines.append(f"| {name} | {rk[key] * 1000:.2f} | {_fmt(_ratio(rk[key], pf), 2)} |")
+              markdown_table(["per test row", "ms", "× prompt forward"], ranking, ["", "r", "r"])]
     lines += ["", f"Identical ranking shared vs naive: **{rk['identical_ranking']}** "
                   f"({rk['rows_with_same_ranking']}/{rk['rows']} rows; max |Δ log p| {rk['max_abs_logp_diff']:.2e}; "
                   f"inference.py metrics identical: {rk['identical_metrics']}).", "",
-              "| target (issue 4) | value | bound | pass |", "|---|---:|---:|:---:|"]
-    for key, t in res["targets"].items():
-        lines.append(f"| {key} | {_fmt(t['value'], 2)} | {t['op']} {t['bound']} | {'yes' if t['pass'] else 'NO'} |")
-    lines.append(f"| identical_ranking | {rk['identical_ranking']} | true | "
-                 f"{'yes' if rk['identical_ranking'] else 'NO'} |")
+              markdown_table(["target", "value", "bound", "pass"], targets, ["", "r", "r", "c"])]
     ra = res["ratios"]
     lines += ["", f"Against the plain SFT loop instead (stricter, informational): NAPO K=3 "
                   f"{_fmt(ra['napo_k3_over_sft_plain'], 2)}×, K=15 {_fmt(ra['napo_k15_over_sft_plain'], 2)}× "

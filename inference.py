@@ -22,6 +22,7 @@ from pathlib import Path
 import modeling  # sets the offline environment first
 import data_interface as di
 import metrics as M
+import report
 import scoring
 
 
@@ -208,7 +209,9 @@ def flatten(d: dict, prefix="") -> dict:
 
 
 def metrics_table(results: list[tuple[str, dict]]) -> str:
-    return M.format_table([(label, flatten(r)) for label, r in results], TABLE_COLUMNS)
+    """A markdown table: one row per (label, metrics.json dict), the columns of TABLE_COLUMNS."""
+    rows = [[label] + [report.cell(flatten(r).get(key)) for _, key in TABLE_COLUMNS] for label, r in results]
+    return report.markdown_table(["run"] + [h for h, _ in TABLE_COLUMNS], rows)
 
 
 if __name__ == "__main__":

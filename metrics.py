@@ -112,16 +112,3 @@ def candidate_metrics(scores: list[list[float]], candidate_ids: list[list[int]],
     out = {"ranking": ranking_metrics(ranks), "popularity": popularity_metrics(top1, target_ids, popularity)}
     return out, top1
 
-
-def format_table(rows: list[tuple[str, dict]], columns: list[tuple[str, str]]) -> str:
-    """A compact markdown table: rows = [(label, flat metrics dict)], columns = [(header, key)]."""
-    head = "| " + " | ".join(["run"] + [h for h, _ in columns]) + " |"
-    sep = "|" + "---|" * (len(columns) + 1)
-    lines = [head, sep]
-    for label, m in rows:
-        cells = []
-        for _, key in columns:
-            v = m.get(key)
-            cells.append(f"{v:.4f}" if isinstance(v, float) else ("" if v is None else str(v)))
-        lines.append("| " + " | ".join([label] + cells) + " |")
-    return "\n".join(lines)
