@@ -6,9 +6,10 @@ S-DPO/NAPO with naive scoring and NAPO with prefix-shared scoring, plus ranking 
 Writes results/benchmark.json (--json) and results/benchmark.md (--markdown); prints the table.
 
 What is measured (every method on the same rows, the same per-device batch size B, default 4):
-  training   real optimizer steps through the real trainers: TRL SFTTrainer (sft.py's tokenization, LoRA via
-             peft_config), TRL DPOTrainer (sigmoid loss, reference = a copy of the adapter, as dpo.py), and
-             NAPOTrainer (napo_trainer.py: NAPO defaults, in-batch negative sharing and the personalised margin
+  training   real optimizer steps through the real trainers, each built by its stage's build_trainer (the
+             function the stage's main() calls): TRL SFTTrainer (sft.py: its tokenization, LoRA via peft_config),
+             TRL DPOTrainer (dpo.py: sigmoid loss, reference = a copy of the adapter), and NAPOTrainer
+             (softmax_dpo.py; napo_trainer.py: NAPO defaults, in-batch negative sharing and the personalised margin
              with the SASRec) with `shared_scoring` False ("naive": one prompt+answer row per answer, as S-DPO's
              trainer) or True ("shared": each prompt encoded once). Every step is timed from the end of the
              previous optimizer step to the end of this one (a TrainerCallback): batch collation, forward,
@@ -129,7 +130,7 @@ def _setup(task):
         import datasets, peft, trl  # noqa: E401, F401
         from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer  # noqa: F401
 
-        import napo_trainer, sasrec, sft  # noqa: E401, F401
+        import dpo, napo_trainer, sasrec, sft, softmax_dpo  # noqa: E401, F401
     torch.set_num_threads(task["threads"])
     torch.manual_seed(task["seed"])
     catalog = di.load_catalog(task["dataset"])
@@ -165,52 +166,35 @@ def _step_timer():
     return StepTimer()
 
 
-def _common_args(task, out_dir, info):
-    import modeling
-
-    return dict(output_dir=out_dir, per_device_train_batch_size=task["batch_size"], learning_rate=1e-4,
-                num_train_epochs=1, max_steps=task["warmup"] + task["steps"], max_length=task["cutoff_len"],
-                lr_scheduler_type="constant", max_grad_norm=0.3, logging_steps=10**6, save_strategy="no",
-                report_to="none", disable_tqdm=True, seed=task["seed"], data_seed=task["seed"],
-                **modeling.training_precision_kwargs(info))
-
-
 def _build_trainer(task, catalog, model, tokenizer, info, rows, out_dir, sasrec=None):
-    """The real trainer of a method, configured as sft.py / dpo.py / softmax_dpo.py do."""
+    """The real trainer of a method, built by the stage's own build_trainer (sft.py / dpo.py / softmax_dpo.py,
+    as their main() builds it), on the benchmark's schedule: a constant learning rate, max_steps, no logging
+    or checkpoints."""
     import torch
-    from datasets import Dataset
     from peft import get_peft_model
 
+    import dpo
     import modeling
+    import sft
+    import softmax_dpo
+    from napo_trainer import NAPOConfig
 
+    options = dict(output_dir=out_dir, batch_size=task["batch_size"], gradient_accumulation_steps=1,
+                   learning_rate=1e-4, cutoff_len=task["cutoff_len"], lr_scheduler_type="constant", warmup_ratio=0.0,
+                   max_grad_norm=0.3, logging_steps=10**6, save_steps=0, report_to="none", seed=task["seed"],
+                   max_steps=task["warmup"] + task["steps"], disable_tqdm=True)
     method = task["method"]
     if method == "sft":
-        from trl import SFTConfig, SFTTrainer
-
-        import sft
-
         data = sft.tokenized_sft_dataset(tokenizer, [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows],
                                          task["cutoff_len"], "benchmark")
-        args = SFTConfig(completion_only_loss=True, remove_unused_columns=False, ddp_find_unused_parameters=False,
-                         **_common_args(task, out_dir, info))
-        return SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
-                          peft_config=modeling.lora_config())
+        return sft.build_trainer(model, tokenizer, info, data, **options)
     # preference methods start from a (fresh) LoRA adapter, as load_policy gives them the SFT adapter
     torch.manual_seed(task["seed"])
     model = get_peft_model(model, modeling.lora_config())
-    from trl import DPOConfig, DPOTrainer
-
     if method == "dpo":
-        data = Dataset.from_dict({"prompt": [r["prompt"] for r in rows], "chosen": [r["chosen"] for r in rows],
-                                  "rejected": [r["rejected"][0] for r in rows]})
-        args = DPOConfig(beta=1.0, loss_type="sigmoid", **_common_args(task, out_dir, info))
-        return DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
-    from napo_trainer import NAPOConfig, NAPOTrainer
-
+        return dpo.build_trainer(model, tokenizer, info, rows, beta=1.0, **options)
     napo = NAPOConfig(num_negatives=task["K"], reference=task["reference"], shared_scoring=method == "napo_shared")
-    args = DPOConfig(beta=napo.beta, **_common_args(task, out_dir, info))
-    return NAPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                       napo=napo, sasrec=sasrec, pad_item_id=catalog.pad_id)
+    return softmax_dpo.build_trainer(model, tokenizer, info, rows, napo, sasrec, catalog.pad_id, **options)
 
 
 def _load_sasrec(task, catalog):

@@ -405,6 +405,26 @@ def training_precision_kwargs(info: dict | None = None) -> dict:
     return dict(bf16=False, activation_checkpointing=False, dataloader_pin_memory=False, use_cpu=True)
 
 
+def training_args(info, *, output_dir, batch_size, gradient_accumulation_steps, learning_rate, cutoff_len,
+                  lr_scheduler_type, warmup_ratio, max_grad_norm, logging_steps, save_steps, report_to, seed,
+                  max_steps=-1, **extra) -> dict:
+    """The TrainingArguments keywords of every training stage (SFTConfig and DPOConfig take them; the stages'
+    build_trainer and benchmark.py pass them): one pass over the rows, whose epochs data_interface has laid
+    out already; a resumable checkpoint every save_steps optimizer steps (0: only the final adapter); the
+    precision of training_precision_kwargs. `extra`: further keywords, passed on."""
+    return dict(
+        output_dir=output_dir, per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps, learning_rate=learning_rate, num_train_epochs=1,
+        max_steps=max_steps, max_length=cutoff_len, lr_scheduler_type=lr_scheduler_type,
+        # Not a slip: transformers 5 has no warmup_ratio; a float warmup_steps below 1 is the share of all
+        # steps spent warming up (TrainingArguments.get_warmup_steps: ceil(total steps × warmup_steps)).
+        warmup_steps=warmup_ratio,
+        max_grad_norm=max_grad_norm, logging_steps=logging_steps, save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500, report_to=report_to, seed=seed, data_seed=seed,
+        ddp_find_unused_parameters=False,  # every LoRA weight is used each step; True breaks checkpointing
+        **training_precision_kwargs(info), **extra)
+
+
 def build(dataset="lastfm", base_model="tiny"):
     """CLI: build (or find) the cached model and print its folder."""
     path = resolve_base_model(base_model, dataset)

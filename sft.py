@@ -31,6 +31,20 @@ def tokenized_sft_dataset(tokenizer, rows, cutoff_len, what):
     return Dataset.from_dict({"input_ids": ids, "completion_mask": masks})
 
 
+def build_trainer(model, tokenizer, info, train, evals=None, eval_step=0.0, lora=None, **options):
+    """This stage's SFTTrainer, as main() runs it and benchmark.py times it: loss on the answer tokens of rows
+    made by tokenized_sft_dataset, the LoRA `lora` (default modeling.lora_config()) put on by the trainer, an
+    evaluation every `eval_step` steps when `evals` is given. `options`: the keywords of modeling.training_args."""
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(
+        per_device_eval_batch_size=options["batch_size"], completion_only_loss=True, remove_unused_columns=False,
+        eval_strategy="steps" if evals is not None else "no", eval_steps=eval_step if evals is not None else None,
+        **modeling.training_args(info, **options))
+    return SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evals, processing_class=tokenizer,
+                      peft_config=lora or modeling.lora_config())
+
+
 def main(
     base_model: str = "tiny",            # 'tiny' (embedded default), 'smollm2-135m', or a local HF model folder
     dataset: str = "lastfm",             # dataset name under data/ or a dataset folder
@@ -58,7 +72,6 @@ def main(
     quantize: str = "auto",              # 'auto' (4-bit NF4 on CUDA for non-embedded models), '4bit', 'none'
 ):
     from transformers import set_seed
-    from trl import SFTConfig, SFTTrainer
 
     set_seed(seed)
     di.check_protocol(protocol)
@@ -69,19 +82,12 @@ def main(
     do_eval = eval_step > 0 and max_eval_samples != 0
     evals = tokenized_sft_dataset(tokenizer, di.sft_rows(catalog, "val", protocol, seed, 1, max_eval_samples),
                                   cutoff_len, "val") if do_eval else None
-    args = SFTConfig(
-        output_dir=output_dir, per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size,
-        gradient_accumulation_steps=gradient_accumulation_steps, learning_rate=learning_rate,
-        num_train_epochs=1,  # the epochs are already laid out in `train` (fresh candidates each epoch)
-        max_length=cutoff_len, completion_only_loss=True, lr_scheduler_type=lr_scheduler_type,
-        warmup_steps=warmup_ratio, max_grad_norm=max_grad_norm, logging_steps=logging_steps,
-        eval_strategy="steps" if do_eval else "no", eval_steps=eval_step if do_eval else None,
-        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
-        report_to=report_to, seed=seed, data_seed=seed, remove_unused_columns=False,
-        ddp_find_unused_parameters=False, **modeling.training_precision_kwargs(info))
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evals,
-                         processing_class=tokenizer,
-                         peft_config=modeling.lora_config(lora_r, lora_alpha, lora_dropout))
+    trainer = build_trainer(  # the epochs are already laid out in `train` (fresh candidates each epoch)
+        model, tokenizer, info, train, evals, eval_step, modeling.lora_config(lora_r, lora_alpha, lora_dropout),
+        output_dir=output_dir, batch_size=batch_size, gradient_accumulation_steps=gradient_accumulation_steps,
+        learning_rate=learning_rate, cutoff_len=cutoff_len, lr_scheduler_type=lr_scheduler_type,
+        warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm, logging_steps=logging_steps, save_steps=save_steps,
+        report_to=report_to, seed=seed)
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     final = modeling.save_final(trainer, tokenizer, output_dir, {
         "stage": "sft", "protocol": protocol, "dataset": catalog.name, "model": info,

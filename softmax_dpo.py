@@ -19,6 +19,22 @@ import modeling  # sets the offline environment first
 import data_interface as di
 
 
+def build_trainer(model, tokenizer, info, rows, napo, sasrec=None, pad_item_id=-1, precompute_ref_log_probs=False,
+                  **options):
+    """This stage's trainer, as main() runs it and benchmark.py times it: NAPOTrainer (napo_trainer.py) with the
+    options `napo` (a NAPOConfig), the frozen `sasrec` and the dataset's padding item id on preference rows
+    with K rejected answers. `options`: the keywords of modeling.training_args."""
+    from datasets import Dataset
+    from trl import DPOConfig
+
+    from napo_trainer import NAPOTrainer
+
+    args = DPOConfig(beta=napo.beta, precompute_ref_log_probs=precompute_ref_log_probs,
+                     **modeling.training_args(info, **options))
+    return NAPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                       napo=napo, sasrec=sasrec, pad_item_id=pad_item_id)
+
+
 def main(
     base_model: str = "tiny",
     dataset: str = "lastfm",
@@ -54,11 +70,9 @@ def main(
     max_steps: int = -1,                 # stop after N optimizer steps (-1 = the whole run)
     quantize: str = "auto",
 ):
-    from datasets import Dataset
     from transformers import set_seed
-    from trl import DPOConfig
 
-    from napo_trainer import NAPOConfig, NAPOTrainer
+    from napo_trainer import NAPOConfig
 
     set_seed(seed)
     di.check_protocol(protocol)
@@ -80,25 +94,18 @@ def main(
             with modeling._file_lock(sr.cache_root() / "sasrec" / f"{catalog.name}.lock"):
                 sasrec = sr.get_or_train_sasrec(dataset)
     rows = di.preference_rows(catalog, "train", protocol, num_negatives, seed, num_train_epochs, max_train_samples)
-    train = Dataset.from_list(rows)
     model, tokenizer, info = modeling.load_policy(base_model, dataset, start, quantize)
-    args = DPOConfig(
-        output_dir=output_dir, per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=gradient_accumulation_steps, learning_rate=learning_rate,
-        num_train_epochs=1, max_steps=max_steps, beta=beta, max_length=cutoff_len,
-        precompute_ref_log_probs=precompute_ref_log_probs,
-        lr_scheduler_type=lr_scheduler_type, warmup_steps=warmup_ratio, max_grad_norm=max_grad_norm,
-        logging_steps=logging_steps, save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
-        report_to=report_to, seed=seed, data_seed=seed,
-        ddp_find_unused_parameters=False,  # every LoRA weight is used each step; True breaks checkpointing
-        **modeling.training_precision_kwargs(info))
-    trainer = NAPOTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer, napo=napo,
-                          sasrec=sasrec, pad_item_id=catalog.pad_id)
+    trainer = build_trainer(
+        model, tokenizer, info, rows, napo, sasrec, catalog.pad_id, precompute_ref_log_probs, output_dir=output_dir,
+        batch_size=batch_size, gradient_accumulation_steps=gradient_accumulation_steps, learning_rate=learning_rate,
+        cutoff_len=cutoff_len, lr_scheduler_type=lr_scheduler_type, warmup_ratio=warmup_ratio,
+        max_grad_norm=max_grad_norm, logging_steps=logging_steps, save_steps=save_steps, report_to=report_to,
+        seed=seed, max_steps=max_steps)
     modeling.record_start(output_dir, start, trainer.is_world_process_zero())
     trainer.train(resume_from_checkpoint=ckpt)
     modeling.save_final(trainer, tokenizer, output_dir, {
         "stage": "napo" if napo.needs_sasrec else "sdpo", "protocol": protocol, "dataset": catalog.name,
-        "model": info, "napo": asdict(napo), "start_adapter": str(start), "train_rows": len(train),
+        "model": info, "napo": asdict(napo), "start_adapter": str(start), "train_rows": len(rows),
         "epochs": num_train_epochs, "seed": seed, "M_bar": trainer.M_bar})
 
 if __name__ == "__main__":
