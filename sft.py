@@ -42,7 +42,7 @@ def build_trainer(model, tokenizer, info, train, evals=None, eval_step=0.0, lora
         eval_strategy="steps" if evals is not None else "no", eval_steps=eval_step if evals is not None else None,
         **modeling.training_args(info, **options))
     return SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evals, processing_class=tokenizer,
-                      peft_config=lora or modeling.lora_config())
+                      peft_config=lora if lora is not None else modeling.lora_config())
 
 
 def main(
