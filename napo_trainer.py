@@ -37,7 +37,7 @@ from napo_losses import (  # noqa: F401  (re-exported: the loss family is import
 
 @dataclass
 class NAPOConfig:
-    """NAPO options (spec §8 defaults)."""
+    """NAPO options; the defaults are the NAPO authors' (K=3, ρ=0.7, γ0=1, α=0.3, m=0.9, β=1, reference-free)."""
     num_negatives: int = 3          # K own negatives per example
     beta: float = 1.0
     reference: bool = False         # True: r = β(logπθ − logπref) (S-DPO); False: r = β·logπθ (authors' NAPO)

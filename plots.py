@@ -7,6 +7,7 @@ Each figure has its own section below and its own entry in the command line at t
     python plots.py results              # the four results_*.png from results/summary.json (reproduce.py)
 """
 
+import math
 import os
 
 import matplotlib
@@ -17,6 +18,8 @@ import fire  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402,F401  (FuncFormatter for the log axis)
 from matplotlib.patches import Circle, FancyArrowPatch, FancyBboxPatch, Rectangle  # noqa: E402
+
+from report import FIGURES, binomial_halfwidth, metric as _metric  # noqa: E402
 
 # ---------------------------------------------------------------------------
 # Shared drawing helpers
@@ -334,20 +337,6 @@ CURVE_COLORS = {"dpo": "#888888", "sdpo": "#c07a12", "napo": "#6a1f80", "napo_no
                 "napo_fixed_margin": "#3b9a4a", "napo_batch_margin": "#d9534f"}
 
 
-def _metric(summary, method, protocol, *path):
-    d = summary["methods"].get(method, {}).get("eval", {}).get(protocol)
-    for k in path:
-        if not isinstance(d, dict):
-            return None
-        d = d.get(k)
-    return d
-
-
-def _ci(p, n):
-    """95% binomial CI half-width of a hit rate p over n rows."""
-    return 1.96 * (max(p * (1 - p), 0.0) / n) ** 0.5 if n else 0.0
-
-
 def _run_note(summary):
     s = summary.get("settings", {})
     rows = "all" if s.get("test_rows", -1) < 0 else s.get("test_rows")
@@ -383,12 +372,12 @@ def plot_hr1_by_method(summary, path="assets/results_hr1_by_method.png"):
             n = _metric(summary, m, proto, "n_rows") or 0
             ys.append(i + (j - 0.5) * h)
             vals.append(v)
-            errs.append(_ci(v, n))
+            errs.append(binomial_halfwidth(v, n))  # NaN without rows: no error bar is drawn
         ax.barh(ys, vals, height=h, xerr=errs, color=PROTOCOL_COLORS[proto], ecolor="#444444", capsize=2,
                 error_kw={"lw": 0.9}, label=f"{proto} candidates" + (" (claims)" if proto == "clean" else
                                                                      " (published, leaks the answer)"))
         for y, v, e in zip(ys, vals, errs):
-            ax.text(v + e + 0.012, y, f"{v:.3f}", va="center", fontsize=7.5, color="#333333")
+            ax.text(v + (0 if math.isnan(e) else e) + 0.012, y, f"{v:.3f}", va="center", fontsize=7.5, color="#333333")
     for i in range(1, len(methods)):  # a thin line between groups
         if summary["methods"][methods[i]]["group"] != summary["methods"][methods[i - 1]]["group"]:
             ax.axhline(i - 0.5, color="#cccccc", lw=0.8)
@@ -422,7 +411,8 @@ def plot_hr1_vs_negatives(summary, path="assets/results_hr1_vs_negatives.png"):
             x = e.get("equivalent_negatives") or e.get("num_negatives")
             if x is None:
                 continue
-            pts.append((x, v, _ci(v, _metric(summary, m, "clean", "n_rows") or 0), e.get("num_negatives")))
+            pts.append((x, v, binomial_halfwidth(v, _metric(summary, m, "clean", "n_rows") or 0),
+                        e.get("num_negatives")))
         if not pts:
             continue
         pts.sort()
@@ -525,17 +515,21 @@ def plot_training_curves(summary, path="assets/results_training_curves.png"):
 
 
 def draw_results(summary="results/summary.json", assets="assets"):
-    """All result figures from a summary.json written by reproduce.py."""
+    """The result figures (report.FIGURES) from a summary (a dict, or the path of a summary.json written by
+    reproduce.py) into the folder `assets`; returns the paths drawn. A figure that fails is reported and
+    skipped: a plot must not lose the numbers."""
     import json
 
-    with open(summary) as f:
-        data = json.load(f)
+    if not isinstance(summary, dict):
+        with open(summary) as f:
+            summary = json.load(f)
     out = []
-    for name, fn in (("results_hr1_by_method.png", plot_hr1_by_method),
-                     ("results_hr1_vs_negatives.png", plot_hr1_vs_negatives),
-                     ("results_popularity.png", plot_popularity),
-                     ("results_training_curves.png", plot_training_curves)):
-        p = fn(data, os.path.join(assets, name))
+    for name, (fn, _) in FIGURES.items():
+        try:
+            p = globals()[fn](summary, os.path.join(str(assets), name))
+        except Exception as e:  # noqa: BLE001
+            print(f"plot {name} failed: {type(e).__name__}: {e}")
+            continue
         if p:
             out.append(p)
     return out

@@ -1,4 +1,4 @@
-"""One command for the method comparison, the ablations, the protocol leak and the plots (issue 6).
+"""One command for the method comparison, the ablations, the protocol leak and the plots.
 
     bash reproduce.sh                          # everything: embedded model, fixed seed, full LastFM test split
     python reproduce.py --methods sft,sdpo,napo   # a subset (their dependencies are trained too)
@@ -19,6 +19,9 @@ the default under --quick: no 10 s import per stage). Outputs:
     results/summary.json, results/results.md    every metric, wall time and command; the generated tables
     assets/*.png                                the plots (plots.py)
 
+This file plans and runs the stages and collects what they wrote into summary.json; report.py computes the
+statistics and verdicts from it and renders the tables and the README's results section.
+
 A stage is skipped when its final output exists (napo_run.json / metrics.json / sasrec_config.json; all are
 written last and atomically) and was made by the same command; an interrupted run continues where it
 stopped. A stage that runs again makes the stages that depend on it run again.
@@ -28,7 +31,6 @@ from __future__ import annotations
 import copy
 import importlib
 import json
-import math
 import os
 import shlex
 import subprocess
@@ -39,6 +41,7 @@ from pathlib import Path
 
 import data_interface as di
 import metrics as M
+import report as R
 
 REPO_DIR = Path(__file__).resolve().parent
 
@@ -116,13 +119,6 @@ METHODS = {
     "napo_rho10": dict(stage="softmax_dpo", start="sft", label="NAPO (rho=1.0)", group="rho_sweep",
                        flags={**NAPO, "rho": 1.0}, eval_flags=RANKING_ONLY),
 }
-# Series of the sweeps (plots and claim (a)), in increasing order of the swept value.
-SWEEPS = {
-    "K": {"S-DPO": ["sdpo_k1", "sdpo", "sdpo_k7", "sdpo_k15"], "NAPO": ["napo_k1", "napo", "napo_k7", "napo_k15"]},
-    "rho": {"NAPO": ["napo_rho05", "napo", "napo_rho10"]},
-}
-PRIMARY = ("ranking", "hr@1")  # the metric of the claims: ranking HR@1 (deterministic; every row is valid)
-Z95 = 1.96
 
 # ==================================================================================================
 # Stages
@@ -429,7 +425,7 @@ def run(methods=None, quick: bool = False, base_model: str = "tiny", out: str = 
 
 def baseline(kind="most_popular", protocol="clean", dataset=DATASET, seed=SEED, test_rows=-1, output=None):
     """Metrics of a rule on the test rows: `most_popular` (rank the candidates by train popularity, ties by
-    position) or `seeded_candidates` (spec §6: recompute each candidate's sdpo negative set; pick the best
+    position) or `seeded_candidates` (recompute each candidate's sdpo negative set; pick the best
     match — it needs no learning and reads the answer off the published candidate lists)."""
     di.check_protocol(protocol)
     catalog = di.load_catalog(dataset)
@@ -454,15 +450,7 @@ def baseline(kind="most_popular", protocol="clean", dataset=DATASET, seed=SEED, 
 
 
 # ==================================================================================================
-# Summary
-
-
-def _get(d, *keys):
-    for k in keys:
-        if not isinstance(d, dict) or k not in d:
-            return None
-        d = d[k]
-    return d
+# Summary: what the stages wrote, in one dict (report.py turns it into statistics, verdicts and markdown)
 
 
 CURVE_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "napo/gamma_mean", "napo/equivalent_negatives")
@@ -515,268 +503,20 @@ def collect(settings: dict) -> dict:
                 entry.update(training_info(_read_json(REPO_DIR / st.done_file)))
         if entry["eval"] or any(v["done"] for v in entry["stages"].values()):
             methods[m] = entry
-    summary = {"settings": settings, "primary_metric": ".".join(PRIMARY), "protocols": list(PROTOCOLS),
-               "sweeps": SWEEPS, "methods": methods}
+    summary = {"settings": settings, "primary_metric": ".".join(R.PRIMARY), "protocols": list(PROTOCOLS),
+               "sweeps": R.SWEEPS, "methods": methods}
     summary["total_seconds"] = round(sum(v["seconds"] or 0 for e in methods.values()
                                          for v in e["stages"].values()), 1)
-    summary["claims"] = claims(summary)
-    summary["leak"] = leak(summary)
+    summary["claims"] = R.claims(summary)
+    summary["leak"] = R.leak(summary)
     return summary
-
-
-def hr1(summary, m, protocol="clean"):
-    return _get(summary["methods"].get(m, {}), "eval", protocol, *PRIMARY)
-
-
-def n_rows(summary, m, protocol="clean"):
-    return _get(summary["methods"].get(m, {}), "eval", protocol, "n_rows")
-
-
-def binomial_halfwidth(p, n) -> float:
-    return Z95 * math.sqrt(max(p * (1 - p), 1e-12) / n) if n else float("nan")
-
-
-# -- per-row paired statistics from predictions.jsonl --------------------------------------------------
-
-
-def _predictions(settings, m, protocol="clean"):
-    path = REPO_DIR / settings["out"] / m / f"eval_{protocol}" / "predictions.jsonl"
-    if not path.exists():
-        return None
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {r["index"]: r for r in rows}
-
-
-_PCT_CACHE = {}
-
-
-def _percentiles(dataset):
-    if dataset not in _PCT_CACHE:
-        _PCT_CACHE[dataset] = M.popularity_percentiles(di.target_popularity(di.load_catalog(dataset)))
-    return _PCT_CACHE[dataset]
-
-
-def paired(settings, a, b, what="hit", protocol="clean") -> dict | None:
-    """Mean of (a − b) over the rows both were evaluated on, with its 95% CI half-width (paired rows):
-    what = 'hit' (ranking HR@1) or 'pop' (popularity percentile of the top-1 item)."""
-    pa, pb = _predictions(settings, a, protocol), _predictions(settings, b, protocol)
-    if not pa or not pb:
-        return None
-    idx = sorted(set(pa) & set(pb))
-    if not idx:
-        return None
-    pct = _percentiles(settings["dataset"]) if what == "pop" else None
-
-    def val(r):
-        return float(r["top1_id"] == r["target_id"]) if what == "hit" else pct[r["top1_id"]]
-
-    d = [val(pa[i]) - val(pb[i]) for i in idx]
-    n = len(d)
-    mean = sum(d) / n
-    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1)) if n > 1 else float("inf")
-    return {"a": a, "b": b, "what": what, "n": n, "diff": mean, "halfwidth": Z95 * sd / math.sqrt(n),
-            "a_mean": sum(val(pa[i]) for i in idx) / n, "b_mean": sum(val(pb[i]) for i in idx) / n}
-
-
-def verdict_of(p: dict | None, higher_is_better=True) -> str:
-    if p is None:
-        return "not run"
-    d = p["diff"] if higher_is_better else -p["diff"]
-    if d > p["halfwidth"]:
-        return "supported"
-    if d < -p["halfwidth"]:
-        return "not supported"
-    return "inconclusive"
-
-
-def _fmt_pair(p, unit="HR@1", scale=1.0, digits=4):
-    if p is None:
-        return "not run"
-    f = f"{{:.{digits}f}}"
-    if p["halfwidth"] == 0 and p["diff"] == 0:
-        return f"{unit} {f.format(p['a_mean'] * scale)} for both, row by row identical on all {p['n']} rows"
-    return (f"{unit} {f.format(p['a_mean'] * scale)} vs {f.format(p['b_mean'] * scale)}: difference "
-            f"{'+' if p['diff'] >= 0 else '−'}{f.format(abs(p['diff']) * scale)} "
-            f"(95% paired CI ±{f.format(p['halfwidth'] * scale)}, n={p['n']})")
-
-
-def claims(summary) -> list[dict]:
-    """Per-claim verdicts from the numbers (clean protocol, ranking HR@1). A difference counts when it is
-    larger than its 95% paired confidence half-width over the same test rows; otherwise 'inconclusive'."""
-    s, methods = summary["settings"], summary["methods"]
-    out = []
-
-    def claim(cid, text, verdict, evidence):
-        out.append({"id": cid, "claim": text, "verdict": verdict, "evidence": evidence})
-
-    # headline
-    p = paired(s, "napo", "sdpo")
-    claim("napo>sdpo", "NAPO is more accurate than S-DPO", verdict_of(p), f"NAPO vs S-DPO, {_fmt_pair(p)}")
-
-    # (a) more negatives help: the S-DPO K sweep
-    series = [(methods[m]["num_negatives"], m) for m in SWEEPS["K"]["S-DPO"] if hr1(summary, m) is not None]
-    if len(series) >= 2:
-        vals = [(k, hr1(summary, m)) for k, m in series]
-        p = paired(s, series[-1][1], series[0][1])
-        mono = all(b[1] >= a[1] for a, b in zip(vals, vals[1:]))
-        ev = ("S-DPO HR@1 by K: " + ", ".join(f"K={k}: {v:.4f}" for k, v in vals) +
-              f" ({'non-decreasing' if mono else 'not monotone'}); K={series[-1][0]} vs K={series[0][0]}, "
-              + _fmt_pair(p))
-        nap = [(methods[m].get("equivalent_negatives"), hr1(summary, m)) for m in SWEEPS["K"]["NAPO"]
-               if hr1(summary, m) is not None]
-        if nap:
-            ev += "; NAPO by equivalent negatives: " + ", ".join(
-                f"{e:.1f}: {v:.4f}" if e is not None else f"?: {v:.4f}" for e, v in nap)
-        claim("a", "(a) more negatives help (S-DPO, K = 1 → 15)", verdict_of(p), ev)
-    else:
-        claim("a", "(a) more negatives help (S-DPO, K = 1 → 15)", "not run", "needs at least two S-DPO K runs")
-
-    # (b) sharing adds negatives at almost no cost
-    p = paired(s, "napo", "napo_noshare")
-    t_share = _get(methods, "napo", "step_seconds")
-    t_none = _get(methods, "napo_noshare", "step_seconds")
-    v = verdict_of(p)
-    ev = "NAPO vs NAPO without sharing, " + _fmt_pair(p)
-    eq_s, eq_n = _get(methods, "napo", "equivalent_negatives"), _get(methods, "napo_noshare", "equivalent_negatives")
-    if eq_s is not None and eq_n is not None:
-        ev += f"; equivalent negatives {eq_s:.1f} vs {eq_n:.1f}"
-    if t_share and t_none:
-        overhead = t_share / t_none - 1
-        ev += (f"; time per step {t_share:.3f}s vs {t_none:.3f}s ({overhead:+.0%}; wall time on a shared CPU, "
-               f"noisy)")
-        if v == "supported" and overhead > 0.10:
-            v = "partly supported (more accurate, but the step costs more than 10% extra)"
-    claim("b", "(b) sharing adds negatives at almost no cost", v, ev)
-
-    # (c) dynamic margin beats a fixed one
-    p = paired(s, "napo", "napo_fixed_margin")
-    claim("c", "(c) the dynamic margin (alpha=0.3) beats a fixed one (alpha=0)", verdict_of(p),
-          "NAPO vs fixed margin, " + _fmt_pair(p))
-
-    # (d) personalised vs batch margin
-    p = paired(s, "napo", "napo_batch_margin")
-    claim("d", "(d) a personalised margin beats one margin per batch (authors' code)", verdict_of(p),
-          "NAPO (user margin) vs batch margin, " + _fmt_pair(p))
-
-    # (e) less popularity bias: lower popularity percentile of the top-1 item than S-DPO
-    p = paired(s, "napo", "sdpo", what="pop")
-    ev = "NAPO vs S-DPO, " + _fmt_pair(p, unit="top-1 popularity percentile", digits=1)
-    tgt = _get(methods, "napo", "eval", "clean", "popularity", "target_popularity_pct")
-    if tgt is not None:
-        ev += f"; the targets' mean percentile is {tgt:.1f}"
-    claim("e", "(e) NAPO recommends less popular items than S-DPO", verdict_of(p, higher_is_better=False), ev)
-    return out
-
-
-def leak(summary) -> dict:
-    """The numbers that show the sdpo protocol leaks the answer (spec §6)."""
-    out = {}
-    for m in ("heuristic", "sft", "sft_sdpo", "sasrec", "most_popular"):
-        vals = {p: hr1(summary, m, p) for p in PROTOCOLS}
-        if any(v is not None for v in vals.values()):
-            out[m] = vals
-    return out
-
-
-# ==================================================================================================
-# Markdown
-
-
-def _f(v, digits=4):
-    return "" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
-
-
-def _secs(v):
-    if v is None:
-        return ""
-    return f"{v:.0f}s" if v < 120 else (f"{v / 60:.1f}min" if v < 7200 else f"{v / 3600:.1f}h")
-
-
-TABLE = [  # header, (protocol, metric path) or a method-level key
-    ("rank HR@1 clean", ("clean", "ranking", "hr@1")),
-    ("rank HR@1 sdpo", ("sdpo", "ranking", "hr@1")),
-    ("NDCG@5", ("clean", "ranking", "ndcg@5")),
-    ("MRR", ("clean", "ranking", "mrr")),
-    ("gen HR@1", ("clean", "generative", "hr@1")),
-    ("ValidRatio", ("clean", "generative", "valid_ratio")),
-    ("top-1 pop. pct", ("clean", "popularity", "top1_popularity_pct")),
-    ("tail HR@1", ("clean", "popularity", "hr@1_tail")),
-]
-
-
-def results_table(summary) -> str:
-    head = ["method", "trained on"] + [h for h, _ in TABLE] + ["eq. negatives", "train time"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for m, e in summary["methods"].items():
-        if not e["eval"]:
-            continue
-        cells = [f"{e['label']} (`{m}`)", e["trained_on"] or ""]
-        for _, (p, *path) in TABLE:
-            v = _get(e, "eval", p, *path)
-            cells.append(_f(v, 1) if "pct" in path[-1] else _f(v))
-        eq = e.get("equivalent_negatives")
-        cells.append(_f(eq, 1) if eq is not None else "")
-        cells.append(_secs(_get(e, "stages", "train", "seconds")))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def leak_text(summary) -> str:
-    lk = summary["leak"]
-    if not lk:
-        return "_not run_"
-    lines = ["| method | HR@1 `clean` | HR@1 `sdpo` |", "|---|---|---|"]
-    for m, vals in lk.items():
-        lines.append(f"| {summary['methods'][m]['label']} (`{m}`) | {_f(vals['clean'])} | {_f(vals['sdpo'])} |")
-    notes = []
-    h = lk.get("heuristic", {})
-    if h.get("sdpo") is not None and h.get("clean") is not None:
-        notes.append(f"The seeded-candidate heuristic learns nothing and reads the target off the candidate list: "
-                     f"HR@1 {h['sdpo']:.4f} under `sdpo`, {h['clean']:.4f} under `clean` (chance 0.05).")
-    a, b = lk.get("sft_sdpo", {}), lk.get("sft", {})
-    if a.get("sdpo") is not None and a.get("clean") is not None:
-        t = (f"SFT trained on `sdpo` candidates: {a['sdpo']:.4f} on `sdpo` test candidates vs {a['clean']:.4f} on "
-             f"re-drawn (`clean`) ones (gap {a['sdpo'] - a['clean']:+.4f})")
-        if b.get("sdpo") is not None and b.get("clean") is not None:
-            t += (f"; SFT trained on `clean` candidates: {b['sdpo']:.4f} vs {b['clean']:.4f} "
-                  f"(gap {b['sdpo'] - b['clean']:+.4f})")
-        notes.append(t + ".")
-    return "\n".join(lines) + ("\n\n" + "\n".join(f"- {n}" for n in notes) if notes else "")
-
-
-def claims_text(summary) -> str:
-    lines = []
-    for c in summary["claims"]:
-        lines.append(f"- **{c['claim']}: {c['verdict']}.** {c['evidence']}.")
-    n = max((n_rows(summary, m) or 0 for m in summary["methods"]), default=0)
-    if n:
-        p = hr1(summary, "napo") or hr1(summary, "sft") or 0.5
-        lines.append(f"\nNoise: with n = {n} test rows a single HR@1 near {p:.2f} has a 95% binomial CI of "
-                     f"±{binomial_halfwidth(p, n):.3f} (±{binomial_halfwidth(0.5, n):.3f} at 0.5). The comparisons "
-                     f"above are paired (the same rows, the same candidates), so their CIs are tighter; a "
-                     f"difference inside its CI is reported as inconclusive. One seed only: the spread between "
-                     f"training seeds is not measured.")
-    return "\n".join(lines)
-
-
-def time_table(summary) -> str:
-    names = ["train"] + [f"eval_{p}" for p in PROTOCOLS]
-    lines = ["| method | " + " | ".join(n.replace("_", " ") for n in names) + " | total |",
-             "|---|" + "---|" * (len(names) + 1)]
-    for m, e in summary["methods"].items():
-        secs = [_get(e, "stages", n, "seconds") for n in names]
-        if all(v is None for v in secs):
-            continue
-        lines.append(f"| `{m}` | " + " | ".join(_secs(v) for v in secs) + f" | {_secs(sum(v or 0 for v in secs))} |")
-    lines.append(f"| **all stages** |" + " |" * len(names) + f" **{_secs(summary['total_seconds'])}** |")
-    return "\n".join(lines)
 
 
 def commands_table(settings) -> str:
     """method -> stage script, starting adapter and the method's own flags (from METHODS), then every command
     line in the order reproduce.py runs them (the same strings it records in summary.json)."""
     stages = plan(settings)
-    lines = ["| method | stage | starts from | its own flags |", "|---|---|---|---|"]
+    rows = []
     for m, spec in METHODS.items():
         script = {"baseline": "reproduce.py baseline", "sasrec": "sasrec.py train"}.get(spec["stage"],
                                                                                       spec["stage"] + ".py")
@@ -784,10 +524,10 @@ def commands_table(settings) -> str:
         if spec.get("eval_flags"):
             ev = " ".join(f"--{k}={_cli_value(v)}" for k, v in spec["eval_flags"].items())
             flags += f" (evaluated with {ev})"
-        lines.append(f"| `{m}` | `{script}` | {('`' + spec['start'] + '`') if spec.get('start') else ''} | "
-                     f"{('`' + flags + '`') if flags else ''} |")
+        rows.append([f"`{m}`", f"`{script}`", f"`{spec['start']}`" if spec.get("start") else "",
+                     f"`{flags}`" if flags else ""])
     common = {k: stage_flags(k, settings["quick"]) for k in ("sft", "dpo", "softmax_dpo", "inference")}
-    lines.append("")
+    lines = [R.markdown_table(["method", "stage", "starts from", "its own flags"], rows), ""]
     lines.append("Options every run of a stage gets (`STAGE_FLAGS`): " + "; ".join(
         f"`{k}.py` " + " ".join(f"--{a}={_cli_value(b)}" for a, b in v.items()) for k, v in common.items()) +
         f". Rows: SFT {settings['sft_rows']}, preference {settings['pref_rows']}, test {settings['test_rows']} "
@@ -798,55 +538,8 @@ def commands_table(settings) -> str:
     return "\n".join(lines)
 
 
-def _settings_line(summary) -> str:
-    s = summary["settings"]
-    rows = lambda v: "all" if v is None or v < 0 else str(v)  # noqa: E731
-    return (f"Base model `{s['base_model']}`, dataset `{s['dataset']}`, seed {s['seed']}; "
-            f"rows: SFT {rows(s['sft_rows'])}, "
-            f"preference {rows(s['pref_rows'])}, test {rows(s['test_rows'])}{' (--quick)' if s['quick'] else ''}. "
-            f"Total stage wall time {_secs(summary['total_seconds'])}. Metric of the claims: "
-            f"`{summary['primary_metric']}` under the `clean` candidate protocol.")
-
-
-def missing_text(summary) -> str:
-    """Methods of the table without both evaluations (not run, still running, or failed)."""
-    missing = [m for m in METHODS if set(PROTOCOLS) - set(summary["methods"].get(m, {}).get("eval", {}))]
-    return ("**Not evaluated yet** (not selected, not finished or failed; rerun `bash reproduce.sh` to continue): "
-            + ", ".join(f"`{m}`" for m in missing) + ".") if missing else ""
-
-
-def results_markdown(summary) -> str:
-    return "\n\n".join([
-        "# Results\n\n_Generated by `python reproduce.py` from the run outputs; do not edit by hand._",
-        _settings_line(summary) + ("\n\n" + missing_text(summary) if missing_text(summary) else ""),
-        "## Method comparison\n\n" + results_table(summary),
-        "## Claims\n\n" + claims_text(summary),
-        "## The `sdpo` candidate protocol leaks the answer\n\n" + leak_text(summary),
-        "## Wall time per stage\n\n" + time_table(summary),
-    ]) + "\n"
-
-
-PLOTS = {  # file name -> (plots.py function, caption)
-    "results_hr1_by_method.png": ("plot_hr1_by_method", "Ranking HR@1 per method under both candidate protocols"),
-    "results_hr1_vs_negatives.png": ("plot_hr1_vs_negatives",
-                                     "HR@1 against the number of (equivalent) negatives: S-DPO vs NAPO"),
-    "results_popularity.png": ("plot_popularity", "Popularity percentile of the top-1 recommendation vs the targets"),
-    "results_training_curves.png": ("plot_training_curves", "Preference training: loss, reward accuracy, margin"),
-}
-
-
-def draw_plots(summary, assets_dir) -> list[Path]:
-    import plots as P
-
-    paths = []
-    for name, (fn, _) in PLOTS.items():
-        path = Path(assets_dir) / name
-        try:
-            if getattr(P, fn)(summary, str(path)):
-                paths.append(path)
-        except Exception as e:  # noqa: BLE001 — a plot must not lose the numbers
-            print(f"plot {name} failed: {type(e).__name__}: {e}")
-    return paths
+# ==================================================================================================
+# Writing the reports: which files, from which run folder (their text comes from report.py)
 
 
 def _default_dirs(settings, results_dir, assets_dir):
@@ -879,37 +572,16 @@ def report(settings: dict = None, results_dir: str = None, assets_dir: str = Non
     summary = collect(settings)
     results, assets = _default_dirs(settings, results_dir, assets_dir)
     di.atomic_write_text(results / "summary.json", json.dumps(summary, indent=1) + "\n")
-    di.atomic_write_text(results / "results.md", results_markdown(summary))
-    drawn = draw_plots(summary, assets) if plots else []
+    di.atomic_write_text(results / "results.md", R.results_markdown(summary, list(METHODS)))
+    if plots:
+        import plots as P
+
+        drawn = P.draw_results(summary, assets)
+    else:
+        drawn = []
     print(f"wrote {_rel(results / 'summary.json')}, {_rel(results / 'results.md')}"
           + (f" and {len(drawn)} plots in {_rel(assets)}" if drawn else ""))
     return summary
-
-
-# ==================================================================================================
-# README
-
-
-START, END = "<!-- results:start -->", "<!-- results:end -->"
-
-
-def readme_section(summary, assets_dir: Path, readme_dir: Path, source: str = "results/summary.json") -> str:
-    parts = [_settings_line(summary) + ("\n\n" + missing_text(summary) if missing_text(summary) else ""),
-             "### Method comparison\n\n" + results_table(summary)]
-    figs = []
-    for name, (_, caption) in PLOTS.items():
-        if (assets_dir / name).exists():
-            rel = os.path.relpath(assets_dir / name, readme_dir)
-            figs.append(f"![{caption}]({rel})")
-    if figs:
-        parts.append("### Plots\n\n" + "\n\n".join(figs))
-    parts += ["### Does this run support NAPO's claims?\n\n" + claims_text(summary),
-              "### The `sdpo` candidate protocol leaks the answer\n\n" + leak_text(summary),
-              "### Method → command\n\nEvery row comes from `METHODS` in `reproduce.py`; `bash reproduce.sh` runs "
-              "them all.\n\n" + commands_table(summary["settings"]),
-              "### Wall time per stage\n\n" + time_table(summary)]
-    return f"_Generated by `python reproduce.py readme` from `{source}`; do not edit by hand._\n\n" + \
-        "\n\n".join(parts)
 
 
 # Further runs shown in the README's results section: (results folder, heading, the command that makes it).
@@ -920,17 +592,6 @@ EXTRA_RUNS = [
      "--test_rows 100 \\\n    --out results/runs/smollm2 --results_dir results/smollm2 "
      "--assets_dir results/smollm2/assets"),
 ]
-
-
-def extra_run_section(summary, heading: str, command: str, source: str) -> str:
-    """A further run (another base model, a subset): its command, table, headline comparison and wall time."""
-    c = next((c for c in summary["claims"] if c["id"] == "napo>sdpo"), None)
-    parts = [f"### {heading}\n\n_From `{source}`._\n\n```bash\n{command}\n```", _settings_line(summary),
-             results_table(summary)]
-    if c is not None:
-        parts.append(f"- **{c['claim']}: {c['verdict']}.** {c['evidence']}.")
-    parts.append(time_table(summary))
-    return "\n\n".join(parts)
 
 
 def readme(readme_path: str = None, results_dir: str = None, assets_dir: str = None, quick: bool = False):
@@ -944,26 +605,29 @@ def readme(readme_path: str = None, results_dir: str = None, assets_dir: str = N
     summary = _read_json(results / "summary.json")
     if summary is None:
         raise di.DataError(f"{source}: not found; run `python reproduce.py` first")
+
+    def section(readme_dir):
+        return R.readme_section(summary, list(METHODS), commands_table(summary["settings"]), assets, readme_dir,
+                                source)
+
     if quick and not readme_path:  # quick numbers never go into the repository's README
-        di.atomic_write_text(target, readme_section(summary, assets, target.parent, source) + "\n")
+        di.atomic_write_text(target, section(target.parent) + "\n")
         print(f"wrote {_rel(target)}")
         return str(target)
     readme_path = Path(readme_path).resolve() if readme_path else REPO_DIR / "README.md"
     text = readme_path.read_text() if readme_path.exists() else ""
-    if START in text and END in text and text.index(START) < text.index(END):
-        section = readme_section(summary, assets, readme_path.parent, source)
-        for folder, heading, command in EXTRA_RUNS:
-            extra = _read_json(REPO_DIR / folder / "summary.json")
-            if extra is not None:
-                section += "\n\n" + extra_run_section(extra, heading, command, f"{folder}/summary.json")
-        head, rest = text.split(START, 1)
-        _, tail = rest.split(END, 1)
-        di.atomic_write_text(readme_path, f"{head}{START}\n{section}\n{END}{tail}")
+    extras = [(folder, heading, command, _read_json(REPO_DIR / folder / "summary.json"))
+              for folder, heading, command in EXTRA_RUNS]
+    new_text = R.replace_section(text, "\n\n".join(
+        [section(readme_path.parent)] + [R.extra_run_section(extra, heading, command, f"{folder}/summary.json")
+                                         for folder, heading, command, extra in extras if extra is not None]))
+    if new_text is not None:
+        di.atomic_write_text(readme_path, new_text)
         print(f"updated the results section of {_rel(readme_path)}")
         return str(readme_path)
-    di.atomic_write_text(target, readme_section(summary, assets, target.parent, source) + "\n")
-    print(f"note: {_rel(readme_path)} {'has no' if text else 'does not exist, so no'} {START} ... {END} markers; "
-          f"wrote {_rel(target)} instead (add the two markers to README.md and run this again)")
+    di.atomic_write_text(target, section(target.parent) + "\n")
+    print(f"note: {_rel(readme_path)} {'has no' if text else 'does not exist, so no'} {R.START} ... {R.END} "
+          f"markers; wrote {_rel(target)} instead (add the two markers to README.md and run this again)")
     return str(target)
 
 

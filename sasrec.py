@@ -1,7 +1,8 @@
-"""A small SASRec (self-attentive sequential recommender, spec §5).
+"""A small SASRec (self-attentive sequential recommender: item and position embeddings,
+one transformer block, the hidden state at the last position scored against every item).
 
 Two roles in the project:
-  * the frozen auxiliary model of NAPO (spec §3-4): user vectors h_u (the hidden state at the last history
+  * the frozen auxiliary model of NAPO: user vectors h_u (the hidden state at the last history
     position) for in-batch negative sharing, and item scores s(u,e) = h_u . w_e + b_e for the dynamic margin;
   * the classic baseline row of the results table, evaluated with the same 20-candidate protocol.
 

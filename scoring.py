@@ -6,7 +6,8 @@ answer tokens of log p(token | prompt, earlier answer tokens). Prompt tokens are
 shared=True (default) packs one row per prompt, [prompt, ans_1, ..., ans_N], and uses a custom 4-D attention mask
 so that every answer sees the prompt and its own earlier tokens only, never another answer. Position ids restart
 at len(prompt) for every answer, so each answer is computed exactly as if it were appended alone to the prompt.
-Cost: P + N*R tokens per example instead of N*(P+R) (spec section 10).
+Cost: P + N*R tokens per example instead of N*(P+R): with a 7B tokenizer's P ≈ 200 prompt and R ≈ 5 answer
+tokens, 3.7x fewer at N = 4 answers (K = 3 negatives), 14x at N = 20.
 
 shared=False is the naive reference: one padded row per (prompt, answer) pair with an ordinary 2-D padding mask.
 

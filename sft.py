@@ -30,6 +30,22 @@ def tokenized_sft_dataset(tokenizer, rows, cutoff_len, what):
     return Dataset.from_dict({"input_ids": ids, "completion_mask": masks})
 
 
+def build_trainer(model, tokenizer, info, train, evals=None, eval_step=0.0, lora=None, callbacks=None,
+                  **options):
+    """This stage's SFTTrainer, as main() runs it and benchmark.py times it: loss on the answer tokens of rows
+    made by tokenized_sft_dataset, the LoRA `lora` (default modeling.lora_config()) put on by the trainer, an
+    evaluation every `eval_step` steps when `evals` is given, the TrainerCallbacks `callbacks` (main: the
+    base-model record of each checkpoint). `options`: the keywords of modeling.training_args."""
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(
+        per_device_eval_batch_size=options["batch_size"], completion_only_loss=True, remove_unused_columns=False,
+        eval_strategy="steps" if evals is not None else "no", eval_steps=eval_step if evals is not None else None,
+        **modeling.training_args(info, **options))
+    return SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evals, processing_class=tokenizer,
+                      callbacks=callbacks, peft_config=lora if lora is not None else modeling.lora_config())
+
+
 @cli.validated
 def main(
     base_model: str = "tiny",            # 'tiny' (embedded default), 'smollm2-135m', or a local HF model folder
@@ -38,7 +54,7 @@ def main(
     protocol: str = "clean",             # candidate protocol: 'clean' (default) or 'sdpo' (published, leaks)
     batch_size: int = 16,                # per-device batch size
     gradient_accumulation_steps: int = 1,
-    learning_rate: float = 1e-3,         # LoRA lr; spec §8 uses 1e-5 for 7B models
+    learning_rate: float = 1e-3,         # LoRA lr; the NAPO authors' 7B scripts use 1e-5
     num_train_epochs: int = 1,
     cutoff_len: int = 512,               # max prompt+answer tokens; longer rows are an error, never truncated
     eval_step: float = 0.0,              # evaluate every N steps (or a fraction <1 of the run); 0 = never
@@ -58,7 +74,6 @@ def main(
     quantize: str = "auto",              # 'auto' (4-bit NF4 on CUDA for non-embedded models), '4bit', 'none'
 ):
     from transformers import set_seed
-    from trl import SFTConfig, SFTTrainer
 
     # every input is checked before a model is loaded or a file written: options (cli.validated), data rows,
     # the base model folder, the checkpoint to resume and the base model it was trained on
@@ -73,19 +88,13 @@ def main(
     model, tokenizer, info = modeling.load_base_model(base_model, dataset, quantize=quantize)
     train = tokenized_sft_dataset(tokenizer, train_rows, cutoff_len, "train")
     evals = tokenized_sft_dataset(tokenizer, eval_rows, cutoff_len, "val") if do_eval else None
-    args = SFTConfig(
-        output_dir=output_dir, per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size,
-        gradient_accumulation_steps=gradient_accumulation_steps, learning_rate=learning_rate,
-        num_train_epochs=1,  # the epochs are already laid out in `train` (fresh candidates each epoch)
-        max_length=cutoff_len, completion_only_loss=True, lr_scheduler_type=lr_scheduler_type,
-        warmup_steps=warmup_ratio, max_grad_norm=max_grad_norm, logging_steps=logging_steps,
-        eval_strategy="steps" if do_eval else "no", eval_steps=eval_step if do_eval else None,
-        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
-        report_to=report_to, seed=seed, data_seed=seed, remove_unused_columns=False,
-        ddp_find_unused_parameters=False, **modeling.training_precision_kwargs(info))
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evals,
-                         processing_class=tokenizer, callbacks=[modeling.base_record_callback(info)],
-                         peft_config=modeling.lora_config(lora_r, lora_alpha, lora_dropout))
+    trainer = build_trainer(  # the epochs are already laid out in `train` (fresh candidates each epoch)
+        model, tokenizer, info, train, evals, eval_step, modeling.lora_config(lora_r, lora_alpha, lora_dropout),
+        callbacks=[modeling.base_record_callback(info)],
+        output_dir=output_dir, batch_size=batch_size, gradient_accumulation_steps=gradient_accumulation_steps,
+        learning_rate=learning_rate, cutoff_len=cutoff_len, lr_scheduler_type=lr_scheduler_type,
+        warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm, logging_steps=logging_steps, save_steps=save_steps,
+        report_to=report_to, seed=seed)
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     final = modeling.save_final(trainer, tokenizer, output_dir, {
         "stage": "sft", "protocol": protocol, "dataset": catalog.name, "model": info,

@@ -1,4 +1,5 @@
-"""Stage 2b — S-DPO and NAPO (NAPO by default, spec §8 values).
+"""Stage 2b — S-DPO and NAPO (NAPO by default, with the NAPO authors' values:
+K=3, rho=0.7, gamma0=1, alpha=0.3, momentum=0.9, beta=1, reference-free).
 
     python softmax_dpo.py --resume_from_checkpoint output/sft/final_checkpoint --output_dir output/napo
 
@@ -18,6 +19,22 @@ import modeling  # sets the offline environment first
 import data_interface as di
 
 
+def build_trainer(model, tokenizer, info, rows, napo, sasrec=None, pad_item_id=-1, precompute_ref_log_probs=False,
+                  callbacks=None, **options):
+    """This stage's trainer, as main() runs it and benchmark.py times it: NAPOTrainer (napo_trainer.py) with the
+    options `napo` (a NAPOConfig), the frozen `sasrec` and the dataset's padding item id on preference rows
+    with K rejected answers; the TrainerCallbacks `callbacks`. `options`: the keywords of modeling.training_args."""
+    from datasets import Dataset
+    from trl import DPOConfig
+
+    from napo_trainer import NAPOTrainer
+
+    args = DPOConfig(beta=napo.beta, precompute_ref_log_probs=precompute_ref_log_probs,
+                     **modeling.training_args(info, **options))
+    return NAPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                       napo=napo, sasrec=sasrec, pad_item_id=pad_item_id, callbacks=callbacks)
+
+
 @cli.validated
 def main(
     base_model: str = "tiny",
@@ -27,7 +44,7 @@ def main(
     protocol: str = "clean",
     batch_size: int = 16,                # per-device batch; the sharing pool is the global batch
     gradient_accumulation_steps: int = 1,
-    learning_rate: float = 1e-4,         # spec §8 uses 1e-5 for 7B models
+    learning_rate: float = 1e-4,         # the NAPO authors' 7B scripts use 1e-5
     num_train_epochs: int = 1,
     beta: float = 1.0,
     num_negatives: int = 3,              # K (1..19)
@@ -54,11 +71,9 @@ def main(
     max_steps: int = -1,                 # stop after N optimizer steps (-1 = the whole run)
     quantize: str = "auto",
 ):
-    from datasets import Dataset
     from transformers import set_seed
-    from trl import DPOConfig
 
-    from napo_trainer import NAPOConfig, NAPOTrainer
+    from napo_trainer import NAPOConfig
 
     napo = NAPOConfig(num_negatives=num_negatives, beta=beta, reference=reference, share_negatives=share_negatives,
                       rho=rho, margin_mode=margin_mode, gamma0=gamma0, alpha=alpha, momentum=momentum,
@@ -80,26 +95,20 @@ def main(
         else:  # under torchrun the first process trains and caches it, the others wait on the lock and load it
             with modeling._file_lock(sr.cache_root() / "sasrec" / f"{catalog.name}.lock"):
                 sasrec = sr.get_or_train_sasrec(dataset)
-    train = Dataset.from_list(rows)
     set_seed(seed)
     model, tokenizer, info = modeling.load_policy(base_model, dataset, start, quantize)
-    args = DPOConfig(
-        output_dir=output_dir, per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=gradient_accumulation_steps, learning_rate=learning_rate,
-        num_train_epochs=1, max_steps=max_steps, beta=beta, max_length=cutoff_len,
-        precompute_ref_log_probs=precompute_ref_log_probs,
-        lr_scheduler_type=lr_scheduler_type, warmup_steps=warmup_ratio, max_grad_norm=max_grad_norm,
-        logging_steps=logging_steps, save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
-        report_to=report_to, seed=seed, data_seed=seed,
-        ddp_find_unused_parameters=False,  # every LoRA weight is used each step; True breaks checkpointing
-        **modeling.training_precision_kwargs(info))
-    trainer = NAPOTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer, napo=napo,
-                          sasrec=sasrec, pad_item_id=catalog.pad_id, callbacks=[modeling.base_record_callback(info)])
+    trainer = build_trainer(
+        model, tokenizer, info, rows, napo, sasrec, catalog.pad_id, precompute_ref_log_probs,
+        callbacks=[modeling.base_record_callback(info)], output_dir=output_dir,
+        batch_size=batch_size, gradient_accumulation_steps=gradient_accumulation_steps, learning_rate=learning_rate,
+        cutoff_len=cutoff_len, lr_scheduler_type=lr_scheduler_type, warmup_ratio=warmup_ratio,
+        max_grad_norm=max_grad_norm, logging_steps=logging_steps, save_steps=save_steps, report_to=report_to,
+        seed=seed, max_steps=max_steps)
     modeling.record_start(output_dir, start, trainer.is_world_process_zero())
     trainer.train(resume_from_checkpoint=ckpt)
     modeling.save_final(trainer, tokenizer, output_dir, {
         "stage": "napo" if napo.needs_sasrec else "sdpo", "protocol": protocol, "dataset": catalog.name,
-        "model": info, "napo": asdict(napo), "start_adapter": str(start), "train_rows": len(train),
+        "model": info, "napo": asdict(napo), "start_adapter": str(start), "train_rows": len(rows),
         "epochs": num_train_epochs, "seed": seed, "M_bar": trainer.M_bar})
 
 if __name__ == "__main__":

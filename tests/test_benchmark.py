@@ -1,12 +1,15 @@
 """benchmark.py in its smallest configuration on the small local model: every method runs, the JSON has the
-issue-4 keys, and ranking with the prompt encoded once gives the naive path's ranking. Timings are not asserted."""
+target-ratio keys, and ranking with the prompt encoded once gives the naive path's ranking. Timings are not asserted."""
 import json
 
 import torch
 
 import benchmark
 import data_interface as di
+import dpo
 import sasrec
+import sft
+import softmax_dpo
 
 RATIO_KEYS = {"napo_k3_over_sft", "napo_k15_over_sft", "mem_napo_k15_over_sft", "rank_over_prompt_forward",
               "rank_naive_over_shared"}
@@ -19,8 +22,14 @@ def random_sasrec(folder):
     return str(folder)
 
 
-def test_benchmark_smallest_config(small_model, tmp_path):
+def test_benchmark_smallest_config(small_model, tmp_path, monkeypatch):
     out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
+    built = []  # the trainers come from the stage scripts' own build_trainer
+    for stage in (dpo, sft, softmax_dpo):
+        def spy(*args, _real=stage.build_trainer, _name=stage.__name__, **kwargs):
+            built.append(_name)
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(stage, "build_trainer", spy)
     benchmark.main(base_model=small_model, ks=(3,), steps=1, warmup=0, batch_size=2, rank_rows=4, rank_repeats=1,
                    gen_rows=2, max_new_tokens=3, threads=1, sasrec_checkpoint=random_sasrec(tmp_path / "sasrec"),
                    json=str(out_json), markdown=str(out_md), isolate=False)
@@ -37,6 +46,7 @@ def test_benchmark_smallest_config(small_model, tmp_path):
         assert r["train_loss"] == r["train_loss"]  # not NaN
     assert set(res["targets"]) == RATIO_KEYS and res["targets"]["napo_k15_over_sft"]["pass"] is False
     assert res["machine"]["torch_threads"] == 1 and res["machine"]["cpu"]
+    assert sorted(built) == ["dpo", "sft", "softmax_dpo", "softmax_dpo"]
     md = out_md.read_text()
     assert "| NAPO shared | 3 |" in md and "rank 20 candidates, shared" in md and "napo_k3_over_sft" in md
 

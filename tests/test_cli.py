@@ -1,4 +1,4 @@
-"""Bad input fails fast and clearly (issue 13): every case ends, before any model is loaded or any file is
+"""Bad input fails fast and clearly: every case ends, before any model is loaded or any file is
 written, with exit status 2 and one last line `error: ...` naming the flag, file or row."""
 import json
 import os

@@ -1,4 +1,4 @@
-"""Faults (issue 13): SFT and inference runs SIGKILLed at several points never leave a partial
+"""Faults: SFT and inference runs SIGKILLed at several points never leave a partial
 final_checkpoint, metrics.json or predictions.jsonl, and a resumed SFT run ends with the same adapter as an
 uninterrupted one. The kills are real SIGKILLs of the stage's process (tests/fault_driver.py)."""
 import json

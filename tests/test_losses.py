@@ -187,7 +187,7 @@ def test_reward_accuracy():
 # ---------------------------------------------------------------------------------------------- sharing
 
 def test_num_shared():
-    assert num_shared(0.7, 16) == 10                # spec example: 3 + 10*3 = 33 equivalent negatives
+    assert num_shared(0.7, 16) == 10                # the paper's example: 3 + 10*3 = 33 equivalent negatives
     assert num_shared(0.57, 101) == 57              # 0.57*100 = 56.999... in floats
     assert num_shared(0.0, 16) == 0 and num_shared(1.0, 16) == 15 and num_shared(0.7, 1) == 0
     with pytest.raises(NAPOLossError):

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import data_interface as di
+import report
 import reproduce
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,7 +62,7 @@ def test_quick_run_writes_summary_table_and_plots(quick_run):
     assert claims["c"]["verdict"] == "not run"  # no fixed-margin run in this subset
     md = (root / "results" / "results.md").read_text()
     assert "| NAPO (`napo`) | clean |" in md and "## Claims" in md
-    for name in reproduce.PLOTS:
+    for name in report.FIGURES:
         assert (root / "assets" / name).stat().st_size > 10_000, name
 
 
@@ -101,7 +102,7 @@ def test_readme_generator_fills_the_markers(quick_run, tmp_path, monkeypatch):
     assert lines[0].startswith("python sasrec.py train ")
     assert any(ln.startswith("python softmax_dpo.py ") and "/napo --" in ln for ln in lines)
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", section)
-    assert len(links) == len(reproduce.PLOTS) and all((readme.parent / link).exists() for link in links)
+    assert len(links) == len(report.FIGURES) and all((readme.parent / link).exists() for link in links)
     extra = section.split("### Another model")[1]
     assert "```bash\nbash other.sh\n```" in extra and "| NAPO (`napo`) | clean |" in extra
     assert "NAPO is more accurate than S-DPO" in extra and "**all stages**" in extra
@@ -175,7 +176,7 @@ def test_claim_verdicts_follow_the_paired_numbers(tmp_path):
     _write_predictions(out, "napo_fixed_margin", [i % 2 == 0 for i in range(n)])          # same as NAPO
     _write_predictions(out, "napo_batch_margin", [i % 4 != 3 for i in range(n)])          # 0.75
     summary = {"settings": {"out": str(out), "dataset": "lastfm"}, "methods": {}}
-    v = {c["id"]: c for c in reproduce.claims(summary)}
+    v = {c["id"]: c for c in report.claims(summary)}
     assert v["napo>sdpo"]["verdict"] == "supported" and "0.5000 vs 0.2500" in v["napo>sdpo"]["evidence"]
     assert v["c"]["verdict"] == "inconclusive"
     assert v["d"]["verdict"] == "not supported"

@@ -1,0 +1,393 @@
+"""Reporting: from the numbers the runs wrote (a summary dict, as in results/summary.json) to statistics,
+per-claim verdicts, markdown tables, the README's results section and the list of result figures.
+
+It runs nothing: reproduce.py plans and runs the stages and collects their outputs into the summary, then
+calls these functions; plots.py draws the figures of FIGURES with the same metric getter (`metric`) and the
+same confidence interval (`binomial_halfwidth`); inference.py and benchmark.py render their tables with
+`markdown_table`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+REPO_DIR = Path(__file__).resolve().parent
+Z95 = 1.96
+PRIMARY = ("ranking", "hr@1")  # the metric of the claims: ranking HR@1 (deterministic; every row is valid)
+# Series of the sweeps (plots and claim (a)), in increasing order of the swept value.
+SWEEPS = {
+    "K": {"S-DPO": ["sdpo_k1", "sdpo", "sdpo_k7", "sdpo_k15"], "NAPO": ["napo_k1", "napo", "napo_k7", "napo_k15"]},
+    "rho": {"NAPO": ["napo_rho05", "napo", "napo_rho10"]},
+}
+FIGURES = {  # file name -> (plots.py function, caption); plots.draw_results draws them, the README links them
+    "results_hr1_by_method.png": ("plot_hr1_by_method", "Ranking HR@1 per method under both candidate protocols"),
+    "results_hr1_vs_negatives.png": ("plot_hr1_vs_negatives",
+                                     "HR@1 against the number of (equivalent) negatives: S-DPO vs NAPO"),
+    "results_popularity.png": ("plot_popularity", "Popularity percentile of the top-1 recommendation vs the targets"),
+    "results_training_curves.png": ("plot_training_curves", "Preference training: loss, reward accuracy, margin"),
+}
+
+# ==================================================================================================
+# Getting numbers out of a summary
+
+
+def get(d, *keys):
+    """d[k1][k2]...; None where a key is missing."""
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def metric(summary, method, protocol, *path):
+    """A metric of one method's evaluation under a protocol, e.g. metric(s, "napo", "clean", "ranking", "hr@1");
+    None when that method, evaluation or metric is missing."""
+    return get(summary["methods"].get(method, {}), "eval", protocol, *path)
+
+
+def hr1(summary, m, protocol="clean"):
+    return metric(summary, m, protocol, *PRIMARY)
+
+
+def n_rows(summary, m, protocol="clean"):
+    return metric(summary, m, protocol, "n_rows")
+
+
+# ==================================================================================================
+# Statistics
+
+
+def binomial_halfwidth(p, n) -> float:
+    """95% half-width of a hit rate p measured on n rows (normal approximation): 1.96·sqrt(p(1−p)/n); 0 at
+    p = 0 or 1. With n = 0 there is no estimate, so no interval: NaN."""
+    return Z95 * math.sqrt(max(p * (1 - p), 0.0) / n) if n else float("nan")
+
+
+def _predictions(settings, m, protocol="clean"):
+    """The per-row predictions of a method, as reproduce.plan lays out a run folder:
+    <out>/<method>/eval_<protocol>/predictions.jsonl."""
+    path = REPO_DIR / settings["out"] / m / f"eval_{protocol}" / "predictions.jsonl"
+    if not path.exists():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {r["index"]: r for r in rows}
+
+
+_PCT_CACHE = {}
+
+
+def _percentiles(dataset):
+    if dataset not in _PCT_CACHE:
+        import data_interface as di
+        import metrics as M
+
+        _PCT_CACHE[dataset] = M.popularity_percentiles(di.target_popularity(di.load_catalog(dataset)))
+    return _PCT_CACHE[dataset]
+
+
+def paired(settings, a, b, what="hit", protocol="clean") -> dict | None:
+    """Mean of (a − b) over the rows both were evaluated on, with its 95% CI half-width (paired rows):
+    what = 'hit' (ranking HR@1) or 'pop' (popularity percentile of the top-1 item)."""
+    pa, pb = _predictions(settings, a, protocol), _predictions(settings, b, protocol)
+    if not pa or not pb:
+        return None
+    idx = sorted(set(pa) & set(pb))
+    if not idx:
+        return None
+    pct = _percentiles(settings["dataset"]) if what == "pop" else None
+
+    def val(r):
+        return float(r["top1_id"] == r["target_id"]) if what == "hit" else pct[r["top1_id"]]
+
+    d = [val(pa[i]) - val(pb[i]) for i in idx]
+    n = len(d)
+    mean = sum(d) / n
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1)) if n > 1 else float("inf")
+    return {"a": a, "b": b, "what": what, "n": n, "diff": mean, "halfwidth": Z95 * sd / math.sqrt(n),
+            "a_mean": sum(val(pa[i]) for i in idx) / n, "b_mean": sum(val(pb[i]) for i in idx) / n}
+
+
+# ==================================================================================================
+# Verdicts
+
+
+def verdict_of(p: dict | None, higher_is_better=True) -> str:
+    if p is None:
+        return "not run"
+    d = p["diff"] if higher_is_better else -p["diff"]
+    if d > p["halfwidth"]:
+        return "supported"
+    if d < -p["halfwidth"]:
+        return "not supported"
+    return "inconclusive"
+
+
+def _fmt_pair(p, unit="HR@1", scale=1.0, digits=4):
+    if p is None:
+        return "not run"
+    f = f"{{:.{digits}f}}"
+    if p["halfwidth"] == 0 and p["diff"] == 0:
+        return f"{unit} {f.format(p['a_mean'] * scale)} for both, row by row identical on all {p['n']} rows"
+    return (f"{unit} {f.format(p['a_mean'] * scale)} vs {f.format(p['b_mean'] * scale)}: difference "
+            f"{'+' if p['diff'] >= 0 else '−'}{f.format(abs(p['diff']) * scale)} "
+            f"(95% paired CI ±{f.format(p['halfwidth'] * scale)}, n={p['n']})")
+
+
+def claims(summary) -> list[dict]:
+    """Per-claim verdicts from the numbers (clean protocol, ranking HR@1). A difference counts when it is
+    larger than its 95% paired confidence half-width over the same test rows; otherwise 'inconclusive'."""
+    s, methods = summary["settings"], summary["methods"]
+    out = []
+
+    def claim(cid, text, verdict, evidence):
+        out.append({"id": cid, "claim": text, "verdict": verdict, "evidence": evidence})
+
+    # headline
+    p = paired(s, "napo", "sdpo")
+    claim("napo>sdpo", "NAPO is more accurate than S-DPO", verdict_of(p), f"NAPO vs S-DPO, {_fmt_pair(p)}")
+
+    # (a) more negatives help: the S-DPO K sweep
+    series = [(methods[m]["num_negatives"], m) for m in SWEEPS["K"]["S-DPO"] if hr1(summary, m) is not None]
+    if len(series) >= 2:
+        vals = [(k, hr1(summary, m)) for k, m in series]
+        p = paired(s, series[-1][1], series[0][1])
+        mono = all(b[1] >= a[1] for a, b in zip(vals, vals[1:]))
+        ev = ("S-DPO HR@1 by K: " + ", ".join(f"K={k}: {v:.4f}" for k, v in vals) +
+              f" ({'non-decreasing' if mono else 'not monotone'}); K={series[-1][0]} vs K={series[0][0]}, "
+              + _fmt_pair(p))
+        nap = [(methods[m].get("equivalent_negatives"), hr1(summary, m)) for m in SWEEPS["K"]["NAPO"]
+               if hr1(summary, m) is not None]
+        if nap:
+            ev += "; NAPO by equivalent negatives: " + ", ".join(
+                f"{e:.1f}: {v:.4f}" if e is not None else f"?: {v:.4f}" for e, v in nap)
+        claim("a", "(a) more negatives help (S-DPO, K = 1 → 15)", verdict_of(p), ev)
+    else:
+        claim("a", "(a) more negatives help (S-DPO, K = 1 → 15)", "not run", "needs at least two S-DPO K runs")
+
+    # (b) sharing adds negatives at almost no cost
+    p = paired(s, "napo", "napo_noshare")
+    t_share = get(methods, "napo", "step_seconds")
+    t_none = get(methods, "napo_noshare", "step_seconds")
+    v = verdict_of(p)
+    ev = "NAPO vs NAPO without sharing, " + _fmt_pair(p)
+    eq_s, eq_n = get(methods, "napo", "equivalent_negatives"), get(methods, "napo_noshare", "equivalent_negatives")
+    if eq_s is not None and eq_n is not None:
+        ev += f"; equivalent negatives {eq_s:.1f} vs {eq_n:.1f}"
+    if t_share and t_none:
+        overhead = t_share / t_none - 1
+        ev += (f"; time per step {t_share:.3f}s vs {t_none:.3f}s ({overhead:+.0%}; wall time on a shared CPU, "
+               f"noisy)")
+        if v == "supported" and overhead > 0.10:
+            v = "partly supported (more accurate, but the step costs more than 10% extra)"
+    claim("b", "(b) sharing adds negatives at almost no cost", v, ev)
+
+    # (c) dynamic margin beats a fixed one
+    p = paired(s, "napo", "napo_fixed_margin")
+    claim("c", "(c) the dynamic margin (alpha=0.3) beats a fixed one (alpha=0)", verdict_of(p),
+          "NAPO vs fixed margin, " + _fmt_pair(p))
+
+    # (d) personalised vs batch margin
+    p = paired(s, "napo", "napo_batch_margin")
+    claim("d", "(d) a personalised margin beats one margin per batch (authors' code)", verdict_of(p),
+          "NAPO (user margin) vs batch margin, " + _fmt_pair(p))
+
+    # (e) less popularity bias: lower popularity percentile of the top-1 item than S-DPO
+    p = paired(s, "napo", "sdpo", what="pop")
+    ev = "NAPO vs S-DPO, " + _fmt_pair(p, unit="top-1 popularity percentile", digits=1)
+    tgt = get(methods, "napo", "eval", "clean", "popularity", "target_popularity_pct")
+    if tgt is not None:
+        ev += f"; the targets' mean percentile is {tgt:.1f}"
+    claim("e", "(e) NAPO recommends less popular items than S-DPO", verdict_of(p, higher_is_better=False), ev)
+    return out
+
+
+def leak(summary) -> dict:
+    """The numbers that show the sdpo protocol leaks the answer."""
+    out = {}
+    for m in ("heuristic", "sft", "sft_sdpo", "sasrec", "most_popular"):
+        vals = {p: hr1(summary, m, p) for p in summary["protocols"]}
+        if any(v is not None for v in vals.values()):
+            out[m] = vals
+    return out
+
+
+# ==================================================================================================
+# Markdown
+
+
+def markdown_table(header, rows, align=None) -> str:
+    """The one markdown table renderer: a header row, rows of cells (str() of each) and, per column, an
+    alignment '' (default), 'r' or 'c'. Cells are written as `| a | b |`, an empty cell as `|  |`."""
+    seps = [{"r": "---:", "c": ":---:"}.get(a, "---") for a in (align or [""] * len(header))]
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "|".join(seps) + "|"]
+    lines += ["| " + " | ".join(map(str, cells)) + " |" for cells in rows]
+    return "\n".join(lines)
+
+
+def cell(v, digits=4):
+    """A number as a table cell: floats with `digits` decimals, None as an empty cell."""
+    return "" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
+
+
+def _secs(v):
+    if v is None:
+        return ""
+    return f"{v:.0f}s" if v < 120 else (f"{v / 60:.1f}min" if v < 7200 else f"{v / 3600:.1f}h")
+
+
+TABLE = [  # header, (protocol, metric path)
+    ("rank HR@1 clean", ("clean", "ranking", "hr@1")),
+    ("rank HR@1 sdpo", ("sdpo", "ranking", "hr@1")),
+    ("NDCG@5", ("clean", "ranking", "ndcg@5")),
+    ("MRR", ("clean", "ranking", "mrr")),
+    ("gen HR@1", ("clean", "generative", "hr@1")),
+    ("ValidRatio", ("clean", "generative", "valid_ratio")),
+    ("top-1 pop. pct", ("clean", "popularity", "top1_popularity_pct")),
+    ("tail HR@1", ("clean", "popularity", "hr@1_tail")),
+]
+
+
+def results_table(summary) -> str:
+    head = ["method", "trained on"] + [h for h, _ in TABLE] + ["eq. negatives", "train time"]
+    rows = []
+    for m, e in summary["methods"].items():
+        if not e["eval"]:
+            continue
+        cells = [f"{e['label']} (`{m}`)", e["trained_on"] or ""]
+        for _, (p, *path) in TABLE:
+            cells.append(cell(metric(summary, m, p, *path), 1 if "pct" in path[-1] else 4))
+        cells.append(cell(e.get("equivalent_negatives"), 1))
+        cells.append(_secs(get(e, "stages", "train", "seconds")))
+        rows.append(cells)
+    return markdown_table(head, rows)
+
+
+def leak_text(summary) -> str:
+    lk = summary["leak"]
+    if not lk:
+        return "_not run_"
+    table = markdown_table(["method", "HR@1 `clean`", "HR@1 `sdpo`"],
+                           [[f"{summary['methods'][m]['label']} (`{m}`)", cell(vals["clean"]), cell(vals["sdpo"])]
+                            for m, vals in lk.items()])
+    notes = []
+    h = lk.get("heuristic", {})
+    if h.get("sdpo") is not None and h.get("clean") is not None:
+        notes.append(f"The seeded-candidate heuristic learns nothing and reads the target off the candidate list: "
+                     f"HR@1 {h['sdpo']:.4f} under `sdpo`, {h['clean']:.4f} under `clean` (chance 0.05).")
+    a, b = lk.get("sft_sdpo", {}), lk.get("sft", {})
+    if a.get("sdpo") is not None and a.get("clean") is not None:
+        t = (f"SFT trained on `sdpo` candidates: {a['sdpo']:.4f} on `sdpo` test candidates vs {a['clean']:.4f} on "
+             f"re-drawn (`clean`) ones (gap {a['sdpo'] - a['clean']:+.4f})")
+        if b.get("sdpo") is not None and b.get("clean") is not None:
+            t += (f"; SFT trained on `clean` candidates: {b['sdpo']:.4f} vs {b['clean']:.4f} "
+                  f"(gap {b['sdpo'] - b['clean']:+.4f})")
+        notes.append(t + ".")
+    return table + ("\n\n" + "\n".join(f"- {n}" for n in notes) if notes else "")
+
+
+def claims_text(summary) -> str:
+    lines = []
+    for c in summary["claims"]:
+        lines.append(f"- **{c['claim']}: {c['verdict']}.** {c['evidence']}.")
+    n = max((n_rows(summary, m) or 0 for m in summary["methods"]), default=0)
+    if n:
+        p = hr1(summary, "napo") or hr1(summary, "sft") or 0.5
+        lines.append(f"\nNoise: with n = {n} test rows a single HR@1 near {p:.2f} has a 95% binomial CI of "
+                     f"±{binomial_halfwidth(p, n):.3f} (±{binomial_halfwidth(0.5, n):.3f} at 0.5). The comparisons "
+                     f"above are paired (the same rows, the same candidates), so their CIs are tighter; a "
+                     f"difference inside its CI is reported as inconclusive. One seed only: the spread between "
+                     f"training seeds is not measured.")
+    return "\n".join(lines)
+
+
+def time_table(summary) -> str:
+    names = ["train"] + [f"eval_{p}" for p in summary["protocols"]]
+    rows = []
+    for m, e in summary["methods"].items():
+        secs = [get(e, "stages", n, "seconds") for n in names]
+        if any(v is not None for v in secs):
+            rows.append([f"`{m}`"] + [_secs(v) for v in secs] + [_secs(sum(v or 0 for v in secs))])
+    rows.append(["**all stages**"] + [""] * len(names) + [f"**{_secs(summary['total_seconds'])}**"])
+    return markdown_table(["method"] + [n.replace("_", " ") for n in names] + ["total"], rows)
+
+
+def _settings_line(summary) -> str:
+    s = summary["settings"]
+    rows = lambda v: "all" if v is None or v < 0 else str(v)  # noqa: E731
+    return (f"Base model `{s['base_model']}`, dataset `{s['dataset']}`, seed {s['seed']}; "
+            f"rows: SFT {rows(s['sft_rows'])}, "
+            f"preference {rows(s['pref_rows'])}, test {rows(s['test_rows'])}{' (--quick)' if s['quick'] else ''}. "
+            f"Total stage wall time {_secs(summary['total_seconds'])}. Metric of the claims: "
+            f"`{summary['primary_metric']}` under the `clean` candidate protocol.")
+
+
+def _settings_and_missing(summary, methods) -> str:
+    """The settings line, then the methods of `methods` (the whole table) without both evaluations (not run,
+    still running, or failed)."""
+    missing = [m for m in methods if set(summary["protocols"]) - set(summary["methods"].get(m, {}).get("eval", {}))]
+    return _settings_line(summary) + (
+        "\n\n**Not evaluated yet** (not selected, not finished or failed; rerun `bash reproduce.sh` to continue): "
+        + ", ".join(f"`{m}`" for m in missing) + "." if missing else "")
+
+
+def results_markdown(summary, methods) -> str:
+    """results/results.md; `methods`: every method of the table (those not evaluated are listed)."""
+    return "\n\n".join([
+        "# Results\n\n_Generated by `python reproduce.py` from the run outputs; do not edit by hand._",
+        _settings_and_missing(summary, methods),
+        "## Method comparison\n\n" + results_table(summary),
+        "## Claims\n\n" + claims_text(summary),
+        "## The `sdpo` candidate protocol leaks the answer\n\n" + leak_text(summary),
+        "## Wall time per stage\n\n" + time_table(summary),
+    ]) + "\n"
+
+
+# ==================================================================================================
+# README
+
+
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def readme_section(summary, methods, commands_md: str, assets_dir: Path, readme_dir: Path,
+                   source: str = "results/summary.json") -> str:
+    """The README's results section: tables, the figures found in assets_dir (linked relative to readme_dir),
+    per-claim verdicts, the leak, `commands_md` (reproduce.commands_table) and the wall times."""
+    parts = [_settings_and_missing(summary, methods), "### Method comparison\n\n" + results_table(summary)]
+    figs = []
+    for name, (_, caption) in FIGURES.items():
+        if (Path(assets_dir) / name).exists():
+            rel = os.path.relpath(Path(assets_dir) / name, readme_dir)
+            figs.append(f"![{caption}]({rel})")
+    if figs:
+        parts.append("### Plots\n\n" + "\n\n".join(figs))
+    parts += ["### Does this run support NAPO's claims?\n\n" + claims_text(summary),
+              "### The `sdpo` candidate protocol leaks the answer\n\n" + leak_text(summary),
+              "### Method → command\n\nEvery row comes from `METHODS` in `reproduce.py`; `bash reproduce.sh` runs "
+              "them all.\n\n" + commands_md,
+              "### Wall time per stage\n\n" + time_table(summary)]
+    return f"_Generated by `python reproduce.py readme` from `{source}`; do not edit by hand._\n\n" + \
+        "\n\n".join(parts)
+
+
+def extra_run_section(summary, heading: str, command: str, source: str) -> str:
+    """A further run (another base model, a subset): its command, table, headline comparison and wall time."""
+    c = next((c for c in summary["claims"] if c["id"] == "napo>sdpo"), None)
+    parts = [f"### {heading}\n\n_From `{source}`._\n\n```bash\n{command}\n```", _settings_line(summary),
+             results_table(summary)]
+    if c is not None:
+        parts.append(f"- **{c['claim']}: {c['verdict']}.** {c['evidence']}.")
+    parts.append(time_table(summary))
+    return "\n\n".join(parts)
+
+
+def replace_section(text: str, section: str) -> str | None:
+    """`text` with what stands between the results markers replaced by `section`; None without the markers."""
+    if not (START in text and END in text and text.index(START) < text.index(END)):
+        return None
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{START}\n{section}\n{END}{tail}"
