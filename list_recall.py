@@ -270,8 +270,6 @@ def pretrain(model, tokenizer, catalog, steps, lr, lm_batch, list_batch, window,
 
 def build(dataset="lastfm", output_dir=None, log=print, **overrides):
     """Build the research model into output_dir and record options, timings and the probe in napo_build.json."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     unknown = set(overrides) - set(DEFAULTS)
     if unknown:
         raise modeling.ModelError(f"unknown option(s): {', '.join('--' + k for k in sorted(unknown))}")
@@ -282,13 +280,7 @@ def build(dataset="lastfm", output_dir=None, log=print, **overrides):
     t0 = time.time()
     torch.manual_seed(opts["seed"])
     tokenizer = build_tokenizer(catalog, opts["bpe_vocab_size"])
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=opts["hidden_size"], intermediate_size=opts["intermediate_size"],
-        num_hidden_layers=opts["num_hidden_layers"], num_attention_heads=opts["num_attention_heads"],
-        num_key_value_heads=opts["num_key_value_heads"], max_position_embeddings=1024, tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id)
-    model = LlamaForCausalLM(cfg)
+    model = modeling.new_tiny_llama(tokenizer, opts)
     if opts["copy_init"]:
         copy_ready_init(model, tokenizer, title_first_tokens(tokenizer, catalog), opts["emb_std"], opts["seed"],
                         **COPY_SCALES)

@@ -243,21 +243,27 @@ def _pretrain(model, tokenizer, catalog, epochs, lr, window, recall, seed, max_s
     model.eval()
 
 
-def build_tiny(dataset="lastfm", output_dir=None, **overrides) -> Path:
-    """Build the embedded default model for a dataset into `output_dir` (deterministic, offline)."""
+def new_tiny_llama(tokenizer, opts: dict):
+    """A freshly initialised Llama of the embedded model's shape (`opts`: hidden_size, num_hidden_layers,
+    num_attention_heads, num_key_value_heads, intermediate_size) for a tokenizer, with tied embeddings."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    opts = {**TINY_DEFAULTS, **overrides}
-    catalog = di.load_catalog(dataset)
-    torch.manual_seed(opts["seed"])
-    tokenizer = build_tiny_tokenizer(catalog, opts["bpe_vocab_size"], opts["item_tokens"])
     cfg = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=opts["hidden_size"], intermediate_size=opts["intermediate_size"],
         num_hidden_layers=opts["num_hidden_layers"], num_attention_heads=opts["num_attention_heads"],
         num_key_value_heads=opts["num_key_value_heads"], max_position_embeddings=1024, tie_word_embeddings=True,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id)
-    model = LlamaForCausalLM(cfg)
+    return LlamaForCausalLM(cfg)
+
+
+def build_tiny(dataset="lastfm", output_dir=None, **overrides) -> Path:
+    """Build the embedded default model for a dataset into `output_dir` (deterministic, offline)."""
+    opts = {**TINY_DEFAULTS, **overrides}
+    catalog = di.load_catalog(dataset)
+    torch.manual_seed(opts["seed"])
+    tokenizer = build_tiny_tokenizer(catalog, opts["bpe_vocab_size"], opts["item_tokens"])
+    model = new_tiny_llama(tokenizer, opts)
     if opts["pretrain_epochs"] > 0:
         _pretrain(model, tokenizer, catalog, opts["pretrain_epochs"], opts["pretrain_lr"],
                   opts["pretrain_window"], opts["pretrain_recall"], opts["seed"], opts["pretrain_max_steps"])
