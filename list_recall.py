@@ -43,10 +43,11 @@ import torch.nn.functional as F
 import data_interface as di
 import modeling
 
-DEFAULTS = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-                intermediate_size=688, bpe_vocab_size=2000, pretrain_steps=300, pretrain_lr=1e-3, lm_batch=8,
-                list_batch=8, domain_batch=0, pretrain_window=24, copy_init=True, emb_std=0.3, spread=1.0,
-                probe_rows=500, seed=0)
+SHAPE = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+         "bpe_vocab_size")
+DEFAULTS = dict(**{k: modeling.TINY_DEFAULTS[k] for k in SHAPE},  # the default embedded model's shape
+                pretrain_steps=300, pretrain_lr=1e-3, lm_batch=8, list_batch=8, domain_batch=0, pretrain_window=24,
+                copy_init=True, emb_std=0.3, spread=1.0, probe_rows=500, seed=0)
 # the copy circuit's scales (copy_ready_init): query, title key, per-title preference key, sink key, output
 COPY_SCALES = dict(s_q=1.0, s_k=1.5, s_p=0.0, s_sink=0.5, beta=8.0)
 QUERY_TOKEN = ":"  # the last token of every prompt ("... Answer:")
@@ -111,8 +112,7 @@ def _pad(rows: list[list[int]], pad: int):
 
 
 @torch.no_grad()
-def copy_ready_init(model, tokenizer, title_ids: list[int], emb_std=0.3, seed=0, s_q=1.0, s_k=1.5, s_p=4.0,
-                    s_sink=0.5, beta=8.0):
+def copy_ready_init(model, tokenizer, title_ids: list[int], emb_std, seed, **scales):
     """Initialise the embeddings and the last attention layer of a Llama as a copy circuit (data-free; see the
     module docstring). Directions: t (shared by title tokens), a (the query token ":"), c (shared by all
     tokens: a constant every query can read), s (only <s>: the sink). In every head, three of the lowest-
@@ -120,6 +120,8 @@ def copy_ready_init(model, tokenizer, title_ids: list[int], emb_std=0.3, seed=0,
     carry query·key = s_q·a · s_k·t (title keys, read at ":" only), s_q·a · s_p·r_h (a random per-title
     preference) and s_q·c · s_sink·s (every query finds the sink). Values/outputs: an identity on the space
     orthogonal to t, a, c, s (scaled by beta), split over the key/value heads, so the sink's value is zero."""
+    sc = {**COPY_SCALES, **scales}
+    s_q, s_k, s_p, s_sink, beta = (sc[k] for k in ("s_q", "s_k", "s_p", "s_sink", "beta"))
     cfg = model.config
     d, H = cfg.hidden_size, cfg.num_attention_heads
     kv = cfg.num_key_value_heads
@@ -282,8 +284,7 @@ def build(dataset="lastfm", output_dir=None, log=print, **overrides):
     tokenizer = build_tokenizer(catalog, opts["bpe_vocab_size"])
     model = modeling.new_tiny_llama(tokenizer, opts)
     if opts["copy_init"]:
-        copy_ready_init(model, tokenizer, title_first_tokens(tokenizer, catalog), opts["emb_std"], opts["seed"],
-                        **COPY_SCALES)
+        copy_ready_init(model, tokenizer, title_first_tokens(tokenizer, catalog), opts["emb_std"], opts["seed"])
     train = {}
     if opts["pretrain_steps"] > 0:
         train = pretrain(model, tokenizer, catalog, opts["pretrain_steps"], opts["pretrain_lr"], opts["lm_batch"],
