@@ -180,7 +180,7 @@ def _build_trainer(task, catalog, model, tokenizer, info, rows, out_dir, sasrec=
     import modeling
     import sft
     import softmax_dpo
-    from napo_trainer import NAPOConfig
+    from napo_config import NAPOConfig
 
     options = dict(output_dir=out_dir, batch_size=task["batch_size"], gradient_accumulation_steps=1,
                    learning_rate=1e-4, cutoff_len=task["cutoff_len"], lr_scheduler_type="constant", warmup_ratio=0.0,

@@ -17,11 +17,12 @@ while [ $# -gt 0 ]; do
     *) args+=("$1"); shift ;;
   esac
 done
+# every option's default is inference.py's (python inference.py --help); set here: the adapter and output folder
+env_flags BASE_MODEL=base_model DATASET=dataset PROTOCOL=protocol MAX_TEST_SAMPLES=max_test_samples
 run_one() {  # adapter, output dir, extra arguments
-  launch inference.py --base_model "${BASE_MODEL:-tiny}" --dataset "${DATASET:-lastfm}" \
-    --resume_from_checkpoint "$1" --output_dir "$2" --protocol "${PROTOCOL:-clean}" \
-    --max_test_samples "${MAX_TEST_SAMPLES:--1}" "${@:3}"
+  launch inference.py --resume_from_checkpoint "$1" --output_dir "$2" ${ENV_FLAGS[@]+"${ENV_FLAGS[@]}"} "${@:3}"
 }
+# the output folder is named after the protocol (clean: inference.py's default)
 if [ -n "${ADAPTER:-}" ]; then
   run_one "$ADAPTER" "${OUTPUT_DIR:-$(dirname "$ADAPTER")/eval_${PROTOCOL:-clean}}" ${args[@]+"${args[@]}"}
 else

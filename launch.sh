@@ -20,3 +20,15 @@ launch() {
     "$PYTHON" "$script" "$@"
   fi
 }
+
+# env_flags VAR=flag ...: sets ENV_FLAGS to "--flag value" for each environment variable VAR that is set and not
+# empty. An unset one adds nothing, so the Python script's own default applies: the defaults are written once,
+# in each script's main() signature (`python X.py --help`); a .sh script states only what it sets differently.
+env_flags() {
+  ENV_FLAGS=()
+  local pair var
+  for pair in "$@"; do
+    var="${pair%%=*}"
+    if [ -n "${!var:-}" ]; then ENV_FLAGS+=("--${pair#*=}" "${!var}"); fi
+  done
+}

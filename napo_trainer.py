@@ -19,44 +19,20 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from trl import DPOTrainer
 
-import cli
 import data_interface as di
 import modeling
 import scoring
+from napo_config import NAPOConfig  # its one home is napo_config.py (importable from here too)
 from napo_losses import (  # noqa: F401  (re-exported: the loss family is importable from here too)
     MARGIN_MODES, build_negative_pool, dpo_loss, dynamic_margin, napo_loss, num_shared, personal_scores,
     reward_accuracy, rewards, sdpo_loss, topk_similar, update_running_mean)
-
-
-@dataclass
-class NAPOConfig:
-    """NAPO options; the defaults are the NAPO authors' (K=3, ρ=0.7, γ0=1, α=0.3, m=0.9, β=1, reference-free)."""
-    num_negatives: int = 3          # K own negatives per example
-    beta: float = 1.0
-    reference: bool = False         # True: r = β(logπθ − logπref) (S-DPO); False: r = β·logπθ (authors' NAPO)
-    share_negatives: bool = True    # in-batch negative sharing
-    rho: float = 0.7                # share the negatives of the top floor(ρ(B−1)) most similar examples
-    margin_mode: str = "user"       # 'user' (personalised), 'batch' (authors' code), 'none'
-    gamma0: float = 1.0
-    alpha: float = 0.3
-    momentum: float = 0.9           # EMA momentum m of the running mean M̄
-    clamp_margin: bool = True       # clamp γ at 0
-    shared_scoring: bool = True     # encode each prompt once (False: naive prompt+answer concatenation)
-
-    def validate(self):
-        """The options' rules of the command line (cli.RULES: K, rho, margin mode, momentum, beta, gamma0)."""
-        cli.check_options(asdict(self))
-
-    @property
-    def needs_sasrec(self) -> bool:
-        return self.share_negatives or self.margin_mode != "none"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -192,6 +168,8 @@ class NAPOTrainer(DPOTrainer):
     def __init__(self, *args, napo: NAPOConfig, sasrec=None, pad_item_id: int = -1, **kwargs):
         napo.validate()
         self.napo = napo  # set before super().__init__, which calls _prepare_dataset
+        if kwargs.get("args") is not None:  # β has one source, napo.beta; TRL's DPOConfig (logs, saved
+            kwargs["args"].beta = napo.beta  # training_args.bin) records the same value
         self.sasrec = sasrec
         self.pad_item_id = pad_item_id
         self.M_bar = None

@@ -29,7 +29,9 @@ stopped. A stage that runs again makes the stages that depend on it run again.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
+import inspect
 import json
 import os
 import shlex
@@ -42,6 +44,7 @@ from pathlib import Path
 import data_interface as di
 import metrics as M
 import report as R
+from napo_config import DEFAULTS as NAPO_DEFAULTS, NAPOConfig
 
 REPO_DIR = Path(__file__).resolve().parent
 
@@ -60,14 +63,21 @@ QUICK_SCALE = dict(sft_rows=256, pref_rows=64, test_rows=32)
 QUICK_MODEL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                    intermediate_size=128, pretrain_epochs=1, pretrain_max_steps=60)
 
-# Options every run of a stage gets (the .sh wrappers' CPU defaults), before the method's own flags.
+# Options every run of a stage puts on its command line, before the method's own flags (so a recorded command
+# says what it ran with). DEFAULT: the stage's own default, read from its function's signature (the one place
+# it is written); a value is this table's own choice, with the reason beside it.
+DEFAULT = object()
+STAGE_FUNCTIONS = {"sft": "sft.main", "dpo": "dpo.main", "softmax_dpo": "softmax_dpo.main",
+                   "inference": "inference.main", "sasrec": "sasrec.train"}
 STAGE_FLAGS = {
-    "sft": dict(batch_size=16, learning_rate=1e-3, num_train_epochs=1, logging_steps=10),
-    "dpo": dict(batch_size=8, learning_rate=1e-4, num_train_epochs=1, beta=1.0, logging_steps=5),
-    "softmax_dpo": dict(batch_size=16, learning_rate=1e-4, num_train_epochs=1, beta=1.0, logging_steps=5),
-    "inference": dict(batch_size=16, generative=True, constrained=True, progress=False),
+    "sft": dict(batch_size=DEFAULT, learning_rate=DEFAULT, num_train_epochs=DEFAULT, logging_steps=DEFAULT),
+    # preference runs are short (128 steps): log every 5 for the training curves
+    "dpo": dict(batch_size=DEFAULT, learning_rate=DEFAULT, num_train_epochs=DEFAULT, beta=DEFAULT, logging_steps=5),
+    "softmax_dpo": dict(batch_size=DEFAULT, learning_rate=DEFAULT, num_train_epochs=DEFAULT, beta=DEFAULT,
+                        logging_steps=5),
+    "inference": dict(batch_size=DEFAULT, generative=DEFAULT, constrained=DEFAULT, progress=False),  # no bar in logs
     # SASRec (sasrec.py train): no time budget, so the same seed gives the same model on any machine load
-    "sasrec": dict(epochs=30, time_budget_s=None),
+    "sasrec": dict(epochs=DEFAULT, time_budget_s=None),
 }
 # --quick overrides (the small model learns nothing at lr 1e-4 in a few steps; log every step for the curves)
 QUICK_STAGE_FLAGS = {
@@ -77,9 +87,10 @@ QUICK_STAGE_FLAGS = {
     "sasrec": dict(epochs=1, max_train_samples=4000),
 }
 
-SDPO = dict(num_negatives=3, share_negatives=False, margin_mode="none", reference=True)
-NAPO = dict(num_negatives=3, share_negatives=True, rho=0.7, margin_mode="user", gamma0=1.0, alpha=0.3,
-            momentum=0.9, reference=False)
+# NAPO with its defaults (napo_config.NAPOConfig, written there once) and S-DPO = NAPO's pieces switched off
+NAPO = {k: getattr(NAPO_DEFAULTS, k) for k in ("num_negatives", "share_negatives", "rho", "margin_mode", "gamma0",
+                                               "alpha", "momentum", "reference")}
+SDPO = dict(num_negatives=NAPO_DEFAULTS.num_negatives, share_negatives=False, margin_mode="none", reference=True)
 
 # The ablations, sweeps and the leak model are compared on ranking HR@1 only: generative and constrained
 # decoding cost ~3x the ranking pass and add nothing to those comparisons (the embedded model's free
@@ -181,16 +192,22 @@ def resolve_settings(base_model="tiny", out=None, sft_rows=None, pref_rows=None,
             "out": _rel(out), **scale}
 
 
+@functools.lru_cache(maxsize=None)
+def stage_defaults(stage: str) -> dict:
+    """{option: default} of a stage's function (STAGE_FUNCTIONS), read from its signature."""
+    module, fn = STAGE_FUNCTIONS[stage].split(".")
+    params = inspect.signature(getattr(importlib.import_module(module), fn)).parameters
+    return {k: p.default for k, p in params.items()}
+
+
 def stage_flags(stage: str, quick: bool) -> dict:
-    return {**STAGE_FLAGS.get(stage, {}), **(QUICK_STAGE_FLAGS.get(stage, {}) if quick else {})}
+    flags = {**STAGE_FLAGS.get(stage, {}), **(QUICK_STAGE_FLAGS.get(stage, {}) if quick else {})}
+    return {k: stage_defaults(stage)[k] if v is DEFAULT else v for k, v in flags.items()}
 
 
 def needs_sasrec(method: str) -> bool:
     spec = METHODS[method]
-    if spec["stage"] != "softmax_dpo":
-        return False
-    f = spec.get("flags", {})
-    return bool(f.get("share_negatives", True)) or f.get("margin_mode", "user") != "none"
+    return spec["stage"] == "softmax_dpo" and NAPOConfig.from_options(spec.get("flags", {})).needs_sasrec
 
 
 def plan(settings: dict, methods=None) -> list[Stage]:

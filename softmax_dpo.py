@@ -1,5 +1,5 @@
 """Stage 2b — S-DPO and NAPO (NAPO by default, with the NAPO authors' values:
-K=3, rho=0.7, gamma0=1, alpha=0.3, momentum=0.9, beta=1, reference-free).
+K=3, rho=0.7, gamma0=1, alpha=0.3, momentum=0.9, beta=1, reference-free; written once, in napo_config.NAPOConfig).
 
     python softmax_dpo.py --resume_from_checkpoint output/sft/final_checkpoint --output_dir output/napo
 
@@ -17,6 +17,7 @@ from dataclasses import asdict
 import cli
 import modeling  # sets the offline environment first
 import data_interface as di
+from napo_config import DEFAULTS as NAPO, NAPOConfig
 
 
 def build_trainer(model, tokenizer, info, rows, napo, sasrec=None, pad_item_id=-1, precompute_ref_log_probs=False,
@@ -29,8 +30,7 @@ def build_trainer(model, tokenizer, info, rows, napo, sasrec=None, pad_item_id=-
 
     from napo_trainer import NAPOTrainer
 
-    args = DPOConfig(beta=napo.beta, precompute_ref_log_probs=precompute_ref_log_probs,
-                     **modeling.training_args(info, **options))
+    args = DPOConfig(precompute_ref_log_probs=precompute_ref_log_probs, **modeling.training_args(info, **options))
     return NAPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                        napo=napo, sasrec=sasrec, pad_item_id=pad_item_id, callbacks=callbacks)
 
@@ -46,18 +46,19 @@ def main(
     gradient_accumulation_steps: int = 1,
     learning_rate: float = 1e-4,         # the NAPO authors' 7B scripts use 1e-5
     num_train_epochs: int = 1,
-    beta: float = 1.0,
-    num_negatives: int = 3,              # K (1..19)
-    share_negatives: bool = True,
-    rho: float = 0.7,
-    margin_mode: str = "user",           # user | batch | none
-    gamma0: float = 1.0,
-    alpha: float = 0.3,
-    momentum: float = 0.9,
-    clamp_margin: bool = True,
-    reference: bool = False,             # False: reference-free rewards (authors' NAPO); True: S-DPO style
+    # NAPO's options: their defaults are NAPOConfig's (napo_config.py), so they are written there only
+    beta: float = NAPO.beta,
+    num_negatives: int = NAPO.num_negatives,  # K (1..19)
+    share_negatives: bool = NAPO.share_negatives,
+    rho: float = NAPO.rho,
+    margin_mode: str = NAPO.margin_mode,       # user | batch | none
+    gamma0: float = NAPO.gamma0,
+    alpha: float = NAPO.alpha,
+    momentum: float = NAPO.momentum,
+    clamp_margin: bool = NAPO.clamp_margin,
+    reference: bool = NAPO.reference,          # False: reference-free rewards (authors' NAPO); True: S-DPO style
     precompute_ref_log_probs: bool = False,
-    shared_scoring: bool = True,         # encode each prompt once (False: naive concatenation, for checks)
+    shared_scoring: bool = NAPO.shared_scoring,  # encode each prompt once (False: naive concatenation, for checks)
     sasrec_checkpoint: str = None,       # a sasrec folder; default: train once per dataset and cache
     cutoff_len: int = 512,
     max_train_samples: int = -1,
@@ -71,13 +72,9 @@ def main(
     max_steps: int = -1,                 # stop after N optimizer steps (-1 = the whole run)
     quantize: str = "auto",
 ):
+    napo = NAPOConfig.from_options(locals())  # this call's NAPO flags (already checked by cli.validated)
     from transformers import set_seed
 
-    from napo_trainer import NAPOConfig
-
-    napo = NAPOConfig(num_negatives=num_negatives, beta=beta, reference=reference, share_negatives=share_negatives,
-                      rho=rho, margin_mode=margin_mode, gamma0=gamma0, alpha=alpha, momentum=momentum,
-                      clamp_margin=clamp_margin, shared_scoring=shared_scoring)  # options checked by cli.validated
     if precompute_ref_log_probs and not reference:
         raise cli.OptionError("--precompute_ref_log_probs True needs --reference True")
     start, ckpt = modeling.resolve_start(resume_from_checkpoint, output_dir)

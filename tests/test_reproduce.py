@@ -182,3 +182,26 @@ def test_claim_verdicts_follow_the_paired_numbers(tmp_path):
     assert v["d"]["verdict"] == "not supported"
     assert v["e"]["verdict"] == "supported"  # NAPO's misses go to a rare item, S-DPO's to the most popular
     assert v["a"]["verdict"] == "not run" and v["b"]["verdict"] == "not run"
+
+
+def test_defaults_have_one_source():
+    """NAPO's defaults live in napo_config.NAPOConfig and each stage's in its function's signature; the flags of
+    softmax_dpo.py and the tables of reproduce.py read them from there."""
+    import inspect
+    from dataclasses import asdict
+
+    import softmax_dpo
+    from napo_config import NAPOConfig
+
+    params = inspect.signature(softmax_dpo.main).parameters
+    assert {k: params[k].default for k in asdict(NAPOConfig())} == asdict(NAPOConfig())
+    assert reproduce.NAPO.items() <= asdict(NAPOConfig()).items()
+    for stage, table in reproduce.STAGE_FLAGS.items():
+        defaults = reproduce.stage_defaults(stage)
+        flags = reproduce.stage_flags(stage, quick=False)
+        assert all(flags[k] == defaults[k] for k, v in table.items() if v is reproduce.DEFAULT)
+    assert reproduce.stage_flags("softmax_dpo", quick=False)["beta"] == NAPOConfig().beta
+    assert [m for m in reproduce.METHODS if reproduce.needs_sasrec(m)] == [
+        m for m, s in reproduce.METHODS.items()
+        if s["stage"] == "softmax_dpo" and not (s["flags"].get("share_negatives") is False
+                                                and s["flags"].get("margin_mode") == "none")]
