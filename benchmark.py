@@ -169,7 +169,7 @@ def _step_timer():
     return StepTimer()
 
 
-def _build_trainer(task, catalog, model, tokenizer, info, rows, out_dir, sasrec=None):
+def _build_trainer(task, model, tokenizer, info, rows, out_dir, sasrec=None):
     """The real trainer of a method, built by the stage's own build_trainer (sft.py / dpo.py / softmax_dpo.py,
     as their main() builds it), on the benchmark's schedule: a constant learning rate, max_steps, no logging
     or checkpoints."""
@@ -197,7 +197,7 @@ def _build_trainer(task, catalog, model, tokenizer, info, rows, out_dir, sasrec=
     if method == "dpo":
         return dpo.build_trainer(model, tokenizer, info, rows, beta=1.0, **options)
     napo = NAPOConfig(num_negatives=task["K"], reference=task["reference"], shared_scoring=method == "napo_shared")
-    return softmax_dpo.build_trainer(model, tokenizer, info, rows, napo, sasrec, catalog.pad_id, **options)
+    return softmax_dpo.build_trainer(model, tokenizer, info, rows, napo, sasrec, **options)
 
 
 def _load_sasrec(task, catalog):
@@ -258,7 +258,7 @@ def measure_training(task) -> dict:
         how = "plain loop (no trainer)"
     else:
         with tempfile.TemporaryDirectory(prefix="napo_bench_") as out_dir:
-            trainer = _build_trainer(task, catalog, model, tokenizer, info, rows, out_dir, sasrec)
+            trainer = _build_trainer(task, model, tokenizer, info, rows, out_dir, sasrec)
             timer = _step_timer()
             trainer.add_callback(timer)
             loss = trainer.train().training_loss

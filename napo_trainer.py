@@ -1,9 +1,9 @@
 """NAPOTrainer: S-DPO with K negatives, in-batch negative sharing and a dynamic, personalised margin.
 
 A subclass of TRL's DPOTrainer that overrides the documented TRL 1.x points: `_prepare_dataset` (our
-tokenization, 1+K answers per prompt, item ids kept), the data collator, `_compute_loss` and
-`compute_ref_log_probs` (so `precompute_ref_log_probs` works). The maths lives in napo_losses.py as pure
-functions; this file wires them to the model, the SASRec and (under torchrun) the other processes.
+tokenization, 1+K answers per prompt, item ids kept), the data collator (token lists as they are, item ids as
+tensors), `_compute_loss` and `compute_ref_log_probs` (so `precompute_ref_log_probs` works). The maths lives in
+napo_losses.py as pure functions; this file wires them to the model, the SASRec and (under torchrun) the other processes.
 
 Per step, for the (global) batch:
   1. logπθ of the positive and the K own negatives, each prompt encoded once (scoring.answer_logps);
@@ -77,12 +77,13 @@ def global_mean(x: torch.Tensor) -> torch.Tensor:
 # The NAPO objective on one batch, given the rewards (shared by the trainer, the tests and the benchmark)
 
 
-def napo_objective(chosen_r, own_rej_r, neg_ids, pos_ids, histories, cfg: NAPOConfig, sasrec=None,
-                   M_bar=None, pad_item_id=-1):
+def napo_objective(chosen_r, own_rej_r, neg_ids, pos_ids, histories, cfg: NAPOConfig, sasrec=None, M_bar=None):
     """Per-example NAPO losses of this process's rows, plus statistics and the new running mean.
 
     chosen_r (B,), own_rej_r (B,K) attached rewards; neg_ids (B,K), pos_ids (B,), histories (B,L) item ids
-    (padded with pad_item_id). With sharing on, the pool is built over the global batch (all processes)."""
+    padded with the SASRec's padding id (sasrec.pad_id, the dataset's; the collator pads them on the left, the
+    SASRec's layout). Histories and the SASRec are used only when cfg.needs_sasrec. With sharing on, the pool is
+    built over the global batch (all processes)."""
     B, K = own_rej_r.shape
     pool_r, pool_ids, mask = own_rej_r, neg_ids, torch.ones_like(own_rej_r, dtype=torch.bool)
     h = None
@@ -98,7 +99,7 @@ def napo_objective(chosen_r, own_rej_r, neg_ids, pos_ids, histories, cfg: NAPOCo
         k = num_shared(cfg.rho, g_h.shape[0])
         nb = topk_similar(g_h, k)[offset: offset + B]
         pool_r, pool_ids, mask, _ = build_negative_pool(own_rej_r, neg_ids, g_r, g_ids, offset, nb, pos_ids,
-                                                        histories, pad_item_id)
+                                                        histories, sasrec.pad_id)
     stats = {"equivalent_negatives": mask.sum(1).float()}
     gamma = torch.zeros(B, device=own_rej_r.device)
     if cfg.margin_mode != "none":
@@ -116,65 +117,54 @@ def napo_objective(chosen_r, own_rej_r, neg_ids, pos_ids, histories, cfg: NAPOCo
 
 
 # --------------------------------------------------------------------------------------------------
-# Data: our tokenization, kept item ids, a collator that pads into tensors
+# Data: our tokenization, kept item ids, a collator that puts each field in the one form its consumer takes
 
 
 class NAPOCollator:
-    """Pads a list of prepared examples into tensors; lengths travel alongside so the rows can be unpadded."""
+    """A batch of prepared examples, each field in the form its one consumer takes, made once:
+      prompt_ids    B token-id lists and answer_ids B lists of 1+K token-id lists (the chosen answer first), as
+                    they are: scoring.answer_logps packs and pads them itself (each prompt encoded once);
+      history_ids   (B, W) item ids LEFT-padded with the SASRec's padding id, newest item last: the SASRec's own
+                    layout (SASRec.pad keeps it as it is) and the (B, L) form the pool filter reads; only when a
+                    padding id is given (with a SASRec: plain S-DPO reads no history);
+      target_id (B,), negative_ids (B, K); ref_chosen_logps (B,), ref_rejected_logps (B, K) when precomputed."""
 
-    def __init__(self, pad_token_id: int, pad_item_id: int):
-        self.pad, self.pad_item = pad_token_id, pad_item_id
-
-    @staticmethod
-    def _pad(seqs, value):
-        width = max(1, max(len(s) for s in seqs))
-        return torch.tensor([list(s) + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
+    def __init__(self, pad_item_id: int | None = None):
+        self.pad_item = pad_item_id
 
     def __call__(self, examples):
-        answers = [[e["chosen_ids"]] + list(e["rejected_ids"]) for e in examples]
-        flat = [a for row in answers for a in row]
-        n = len(answers[0])
         batch = {
-            "prompt_ids": self._pad([e["prompt_ids"] for e in examples], self.pad),
-            "prompt_len": torch.tensor([len(e["prompt_ids"]) for e in examples]),
-            "answer_ids": self._pad(flat, self.pad).view(len(examples), n, -1),
-            "answer_len": torch.tensor([len(a) for a in flat]).view(len(examples), n),
-            "history_ids": self._pad([e["history_ids"] for e in examples], self.pad_item),
             "target_id": torch.tensor([e["target_id"] for e in examples]),
             "negative_ids": torch.tensor([list(e["negative_ids"]) for e in examples]),
         }
+        if self.pad_item is not None:
+            hist = [list(e["history_ids"]) for e in examples]
+            width = max(1, max(map(len, hist)))
+            batch["history_ids"] = torch.tensor([[self.pad_item] * (width - len(h)) + h for h in hist],
+                                                dtype=torch.long)
         if "ref_chosen_logps" in examples[0]:
             batch["ref_chosen_logps"] = torch.tensor([e["ref_chosen_logps"] for e in examples])
             batch["ref_rejected_logps"] = torch.tensor([list(e["ref_rejected_logps"]) for e in examples])
+        batch["prompt_ids"] = [list(e["prompt_ids"]) for e in examples]
+        batch["answer_ids"] = [[list(e["chosen_ids"])] + [list(a) for a in e["rejected_ids"]] for e in examples]
         return batch
-
-
-def unpack(inputs):
-    """Tensors of the collator back to python lists for scoring.answer_logps."""
-    plen = inputs["prompt_len"].tolist()
-    alen = inputs["answer_len"].tolist()
-    prompts = [row[:n] for row, n in zip(inputs["prompt_ids"].tolist(), plen)]
-    answers = [[a[:n] for a, n in zip(rows, lens)] for rows, lens in zip(inputs["answer_ids"].tolist(), alen)]
-    return prompts, answers
 
 
 # --------------------------------------------------------------------------------------------------
 
 
 class NAPOTrainer(DPOTrainer):
-    """DPOTrainer with the S-DPO / NAPO objective. Pass `napo=NAPOConfig(...)`, the frozen `sasrec` (needed
-    when sharing or a margin is on) and `pad_item_id` (the dataset's padding id)."""
+    """DPOTrainer with the S-DPO / NAPO objective. Pass `napo=NAPOConfig(...)` and the frozen `sasrec` (needed
+    when sharing or a margin is on; its padding id pads the histories)."""
 
-    def __init__(self, *args, napo: NAPOConfig, sasrec=None, pad_item_id: int = -1, **kwargs):
+    def __init__(self, *args, napo: NAPOConfig, sasrec=None, **kwargs):
         napo.validate()
         self.napo = napo  # set before super().__init__, which calls _prepare_dataset
         if kwargs.get("args") is not None:  # β has one source, napo.beta; TRL's DPOConfig (logs, saved
             kwargs["args"].beta = napo.beta  # training_args.bin) records the same value
         self.sasrec = sasrec
-        self.pad_item_id = pad_item_id
         self.M_bar = None
-        tok = kwargs.get("processing_class")
-        kwargs.setdefault("data_collator", NAPOCollator(tok.pad_token_id, pad_item_id))
+        kwargs.setdefault("data_collator", NAPOCollator(sasrec.pad_id if sasrec is not None else None))
         super().__init__(*args, **kwargs)
         if self.sasrec is not None:
             self.sasrec.to(self.accelerator.device).eval()
@@ -221,7 +211,7 @@ class NAPOTrainer(DPOTrainer):
 
     def compute_ref_log_probs(self, model, inputs):
         """(chosen (B,), rejected (B,K)): used by the precompute_ref_log_probs pass."""
-        ref = self._reference_logps(*unpack(inputs))
+        ref = self._reference_logps(inputs["prompt_ids"], inputs["answer_ids"])
         return ref[:, 0], ref[:, 1:]
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
@@ -250,7 +240,7 @@ class NAPOTrainer(DPOTrainer):
     def _compute_loss(self, model, inputs, return_outputs=False):
         mode = "train" if self.model.training else "eval"
         cfg = self.napo
-        prompts, answers = unpack(inputs)
+        prompts, answers = inputs["prompt_ids"], inputs["answer_ids"]
         logps = scoring.answer_logps(model, prompts, answers, shared=cfg.shared_scoring,
                                      pad_token_id=self.processing_class.pad_token_id)      # (B, 1+K)
         ref = None
@@ -262,8 +252,8 @@ class NAPOTrainer(DPOTrainer):
         r = rewards(logps, ref, cfg.beta)
         chosen_r, rej_r = r[:, 0], r[:, 1:]
         losses, stats, M_bar = napo_objective(
-            chosen_r, rej_r, inputs["negative_ids"], inputs["target_id"], inputs["history_ids"], cfg,
-            self.sasrec, self.M_bar, self.pad_item_id)  # eval batches never move the trainer's running mean
+            chosen_r, rej_r, inputs["negative_ids"], inputs["target_id"], inputs.get("history_ids"), cfg,
+            self.sasrec, self.M_bar)  # eval batches never move the trainer's running mean
         if mode == "train":
             self.M_bar = M_bar
         loss = losses.mean()

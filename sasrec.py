@@ -114,7 +114,8 @@ class SASRec(nn.Module):
     def pad(self, histories) -> torch.Tensor:
         """Histories -> (B, max_len) LongTensor, left-padded, newest item last. Histories longer than max_len
         keep their newest max_len items. Takes lists of ids (oldest first) or a (B, W) tensor padded with
-        the padding id on either side (e.g. a collator's right padding): its padding is moved to the left."""
+        the padding id: NAPO's collator pads on the left already (this layout, kept as it is); padding on the
+        right is moved to the left."""
         L, pad_id = self.cfg.max_len, self.pad_id
         if torch.is_tensor(histories):
             ids = histories.to(self.item_emb.weight.device, torch.long)

@@ -20,10 +20,10 @@ import data_interface as di
 from napo_config import DEFAULTS as NAPO, NAPOConfig
 
 
-def build_trainer(model, tokenizer, info, rows, napo, sasrec=None, pad_item_id=-1, precompute_ref_log_probs=False,
-                  callbacks=None, **options):
+def build_trainer(model, tokenizer, info, rows, napo, sasrec=None, precompute_ref_log_probs=False, callbacks=None,
+                  **options):
     """This stage's trainer, as main() runs it and benchmark.py times it: NAPOTrainer (napo_trainer.py) with the
-    options `napo` (a NAPOConfig), the frozen `sasrec` and the dataset's padding item id on preference rows
+    options `napo` (a NAPOConfig) and the frozen `sasrec` (its padding id pads the histories) on preference rows
     with K rejected answers; the TrainerCallbacks `callbacks`. `options`: the keywords of modeling.training_args."""
     from datasets import Dataset
     from trl import DPOConfig
@@ -32,7 +32,7 @@ def build_trainer(model, tokenizer, info, rows, napo, sasrec=None, pad_item_id=-
 
     args = DPOConfig(precompute_ref_log_probs=precompute_ref_log_probs, **modeling.training_args(info, **options))
     return NAPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                       napo=napo, sasrec=sasrec, pad_item_id=pad_item_id, callbacks=callbacks)
+                       napo=napo, sasrec=sasrec, callbacks=callbacks)
 
 
 @cli.validated
@@ -95,7 +95,7 @@ def main(
     set_seed(seed)
     model, tokenizer, info = modeling.load_policy(base_model, dataset, start, quantize)
     trainer = build_trainer(
-        model, tokenizer, info, rows, napo, sasrec, catalog.pad_id, precompute_ref_log_probs,
+        model, tokenizer, info, rows, napo, sasrec, precompute_ref_log_probs,
         callbacks=[modeling.base_record_callback(info)], output_dir=output_dir,
         batch_size=batch_size, gradient_accumulation_steps=gradient_accumulation_steps, learning_rate=learning_rate,
         cutoff_len=cutoff_len, lr_scheduler_type=lr_scheduler_type, warmup_ratio=warmup_ratio,

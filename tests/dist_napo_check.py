@@ -68,7 +68,7 @@ def run(sizes: list[int], rank: int, sasrec, modes=("user", "batch")) -> dict:
             chosen = b["chosen"][lo:hi].clone().requires_grad_(True)       # leaves: this rank's own rewards
             rejected = b["rejected"][lo:hi].clone().requires_grad_(True)
             losses, stats, M_bar = napo_objective(chosen, rejected, b["neg"][lo:hi], b["pos"][lo:hi],
-                                                  b["hist"][lo:hi], cfg, sasrec, M_bar, PAD)
+                                                  b["hist"][lo:hi], cfg, sasrec, M_bar)
             # d L_u / d r_v for every pair of this rank's rows: only v = u may be nonzero (shared = detached)
             cross = 0.0
             for u in range(len(losses)):
