@@ -53,20 +53,12 @@ def main(
     start, ckpt = modeling.resolve_start(resume_from_checkpoint, output_dir)
     catalog = di.load_catalog(dataset)
     rows = di.preference_rows(catalog, "train", protocol, 1, seed, num_train_epochs, max_train_samples)
-    base = modeling.check_start(base_model, dataset, start)  # the SFT adapter was trained on this base model
-    if ckpt:
-        modeling.check_adapter(ckpt, base=base)
+    modeling.check_start(base_model, dataset, start, ckpt)  # the SFT adapter was trained on this base model
+    flags = modeling.training_flags(locals())
     set_seed(seed)
     model, tokenizer, info = modeling.load_policy(base_model, dataset, start, quantize)
-    trainer = build_trainer(
-        model, tokenizer, info, rows, beta, callbacks=[modeling.base_record_callback(info)], output_dir=output_dir,
-        batch_size=batch_size, gradient_accumulation_steps=gradient_accumulation_steps, learning_rate=learning_rate,
-        cutoff_len=cutoff_len, lr_scheduler_type=lr_scheduler_type, warmup_ratio=warmup_ratio,
-        max_grad_norm=max_grad_norm, logging_steps=logging_steps, save_steps=save_steps, report_to=report_to,
-        seed=seed)
-    modeling.record_start(output_dir, start, trainer.is_world_process_zero())
-    trainer.train(resume_from_checkpoint=ckpt)
-    modeling.save_final(trainer, tokenizer, output_dir, {
+    trainer = build_trainer(model, tokenizer, info, rows, beta, callbacks=[modeling.base_record_callback(info)], **flags)
+    modeling.run_preference_stage(trainer, tokenizer, output_dir, start, ckpt, {
         "stage": "dpo", "protocol": protocol, "dataset": catalog.name, "model": info, "beta": beta,
         "start_adapter": str(start), "train_rows": len(rows), "epochs": num_train_epochs, "seed": seed})
 

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -75,8 +76,6 @@ def _pid_alive(pid: int) -> bool:
 
 def clear_stale_tmp(folder: Path) -> list[Path]:
     """Remove `*.tmp<PID>` entries of `folder` whose process is gone (a build or write killed by a signal)."""
-    import re
-
     removed = []
     if not folder.is_dir():
         return removed
@@ -96,15 +95,27 @@ def _build_once(target: Path, build_fn) -> Path:
     with _file_lock(target.with_name(target.name + ".lock")):
         if (target / "config.json").exists():
             return target
-        clear_stale_tmp(target.parent)
-        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        write_folder(target, build_fn)
+    return target
+
+
+def write_folder(target: Path, fill) -> Path:
+    """Write a folder whole or not at all: `fill(tmp)` fills a temporary sibling `<name>.tmp<PID>`, which then
+    replaces `target` (an existing target is moved aside first, then removed). Temporary folders of writers
+    killed earlier (their process is gone) are removed first; if `fill` fails, `target` stays as it was."""
+    clear_stale_tmp(target.parent)
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+    old = target.with_name(f"{target.name}.old.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        fill(tmp)
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
-            build_fn(tmp)
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
     return target
 
 
@@ -115,8 +126,6 @@ def _build_once(target: Path, build_fn) -> Path:
 def _titles_safe_as_tokens(catalog: di.ItemCatalog) -> list[str]:
     """Titles that can be whole tokens: not a whole word of the template text (which would then be
     swallowed by the title token) and unique."""
-    import re
-
     text = " ".join(di.TEMPLATES + RECALL_TEMPLATES)
     seen, out = set(), []
     for name in catalog.names:
@@ -567,6 +576,16 @@ def training_precision_kwargs(info: dict | None = None) -> dict:
     return dict(bf16=False, dataloader_pin_memory=False, use_cpu=True, **{ckpt: False})
 
 
+TRAINING_FLAGS = ("output_dir", "batch_size", "gradient_accumulation_steps", "learning_rate", "cutoff_len",
+                  "lr_scheduler_type", "warmup_ratio", "max_grad_norm", "logging_steps", "save_steps", "report_to",
+                  "seed", "max_steps")
+
+
+def training_flags(options: dict) -> dict:
+    """The keywords of training_args among a stage main()'s flags (its locals())."""
+    return {k: options[k] for k in TRAINING_FLAGS if k in options}
+
+
 def training_args(info, *, output_dir, batch_size, gradient_accumulation_steps, learning_rate, cutoff_len,
                   lr_scheduler_type, warmup_ratio, max_grad_norm, logging_steps, save_steps, report_to, seed,
                   max_steps=-1, **extra) -> dict:
@@ -674,24 +693,18 @@ def save_final(trainer, tokenizer, output_dir, run: dict) -> Path:
     napo_run.json (options + training log) to output_dir/final_checkpoint, on the main process only."""
     final = Path(output_dir) / "final_checkpoint"
     if trainer.is_world_process_zero():
-        # written into a temporary sibling, then renamed: a run killed while saving leaves no final_checkpoint
-        # (only final_checkpoint.tmp<PID>, removed by the next save)
-        clear_stale_tmp(final.parent)
-        tmp = final.with_name(f"{final.name}.tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model = trainer.model
-        kwargs = {"selected_adapters": ["default"]} if "ref" in getattr(model, "peft_config", {}) else {}
-        model.save_pretrained(tmp, **kwargs)
-        tokenizer.save_pretrained(tmp)
-        if isinstance(run.get("model"), dict) and "path" in run["model"]:
-            write_base_record(tmp, base_record(run["model"]))
-        run = {**run, "log_history": trainer.state.log_history}
-        di.atomic_write_text(tmp / "napo_run.json", json.dumps(run, indent=2))
-        old = final.with_name(f"{final.name}.old.tmp{os.getpid()}")
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        # a run killed while saving leaves no final_checkpoint (only final_checkpoint.tmp<PID>, removed later)
+        def fill(tmp):
+            model = trainer.model
+            kwargs = {"selected_adapters": ["default"]} if "ref" in getattr(model, "peft_config", {}) else {}
+            model.save_pretrained(tmp, **kwargs)
+            tokenizer.save_pretrained(tmp)
+            if isinstance(run.get("model"), dict) and "path" in run["model"]:
+                write_base_record(tmp, base_record(run["model"]))
+            di.atomic_write_text(tmp / "napo_run.json",
+                                 json.dumps({**run, "log_history": trainer.state.log_history}, indent=2))
+
+        write_folder(final, fill)
         print(f"saved adapter to {final}")
     return final
 
@@ -711,12 +724,23 @@ def load_policy(base_model, dataset, start_adapter, quantize="auto"):
     return model, tokenizer, info
 
 
-def check_start(base_model, dataset, start_adapter, what="--resume_from_checkpoint") -> Path:
-    """Before a preference stage loads anything: the base model folder (built if need be) and the start
-    adapter trained on it. Returns the base model's folder."""
+def check_start(base_model, dataset, start_adapter, ckpt=None, what="--resume_from_checkpoint") -> Path:
+    """Before a preference stage loads anything: the base model folder (built if need be), the start adapter
+    trained on it and, when the run resumes, its checkpoint-N (trained on the same base). Returns the base
+    model's folder."""
     base = resolve_base_model(base_model, dataset)
     check_adapter(start_adapter, what, base=base)
+    if ckpt:
+        check_adapter(ckpt, base=base)
     return base
+
+
+def run_preference_stage(trainer, tokenizer, output_dir, start_adapter, ckpt, run: dict) -> Path:
+    """The end of a preference stage's main(): record the adapter it starts from, train (continuing `ckpt`
+    if given) and save the final adapter whole with the run's record."""
+    record_start(output_dir, start_adapter, trainer.is_world_process_zero())
+    trainer.train(resume_from_checkpoint=ckpt)
+    return save_final(trainer, tokenizer, output_dir, run)
 
 
 def _bytes_to_unicode() -> dict[int, str]:

@@ -191,7 +191,7 @@ def save_sasrec(model: SASRec, output_dir, info: dict) -> None:
 
 
 def check_items(n_items: int, catalog: di.ItemCatalog | None, checkpoint) -> None:
-    """Spec: a checkpoint of another dataset (item count mismatch) -> one-line error before any training."""
+    """A checkpoint of another dataset (item count mismatch) -> one-line error before any training."""
     if catalog is not None and catalog.n_items != n_items:
         raise SASRecError(f"SASRec checkpoint {checkpoint} has {n_items} items but dataset "
                           f"{catalog.name} has {catalog.n_items} items (trained on another dataset?)")

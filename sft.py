@@ -90,11 +90,7 @@ def main(
     evals = tokenized_sft_dataset(tokenizer, eval_rows, cutoff_len, "val") if do_eval else None
     trainer = build_trainer(  # the epochs are already laid out in `train` (fresh candidates each epoch)
         model, tokenizer, info, train, evals, eval_step, modeling.lora_config(lora_r, lora_alpha, lora_dropout),
-        callbacks=[modeling.base_record_callback(info)],
-        output_dir=output_dir, batch_size=batch_size, gradient_accumulation_steps=gradient_accumulation_steps,
-        learning_rate=learning_rate, cutoff_len=cutoff_len, lr_scheduler_type=lr_scheduler_type,
-        warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm, logging_steps=logging_steps, save_steps=save_steps,
-        report_to=report_to, seed=seed)
+        callbacks=[modeling.base_record_callback(info)], **modeling.training_flags(locals()))
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     final = modeling.save_final(trainer, tokenizer, output_dir, {
         "stage": "sft", "protocol": protocol, "dataset": catalog.name, "model": info,
