@@ -677,7 +677,7 @@ def check_trainer_checkpoint(resume_from_checkpoint, output_dir, base=None) -> s
         ckpt = str(resume_from_checkpoint)
         if not (Path(ckpt) / "trainer_state.json").exists():
             raise ModelError(f"--resume_from_checkpoint {ckpt}: not a Trainer checkpoint (a checkpoint-N folder "
-                             "with trainer_state.json, saved with --save_steps)")
+                             "with trainer_state.json, saved with --save_steps; to train an adapter further: --start_adapter)")
     check_adapter(ckpt, base=base)
     return ckpt
 

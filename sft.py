@@ -42,8 +42,12 @@ def build_trainer(model, tokenizer, info, train, evals=None, eval_step=0.0, lora
         per_device_eval_batch_size=options["batch_size"], completion_only_loss=True, remove_unused_columns=False,
         eval_strategy="steps" if evals is not None else "no", eval_steps=eval_step if evals is not None else None,
         **modeling.training_args(info, **options))
+    # a model that already carries its adapter (SFT continued from --start_adapter) gets no new LoRA
+    from peft import PeftModel
+
+    peft = None if isinstance(model, PeftModel) else lora if lora is not None else modeling.lora_config()
     return SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=evals, processing_class=tokenizer,
-                      callbacks=callbacks, peft_config=lora if lora is not None else modeling.lora_config())
+                      callbacks=callbacks, peft_config=peft)
 
 
 @cli.validated
@@ -63,6 +67,8 @@ def main(
     seed: int = 0,
     report_to: str = "none",
     resume_from_checkpoint: str = None,  # a Trainer checkpoint of this run (checkpoint-N) to continue
+    start_adapter: str = None,           # continue training this adapter (e.g. output/sft/final_checkpoint): the
+                                         # "SFT continued" control beside the preference stages; LoRA options unused
     warmup_ratio: float = 0.05,
     lr_scheduler_type: str = "cosine",
     max_grad_norm: float = 0.3,
@@ -81,19 +87,28 @@ def main(
     train_rows = di.sft_rows(catalog, "train", protocol, seed, num_train_epochs, max_train_samples)
     do_eval = eval_step > 0 and max_eval_samples != 0
     eval_rows = di.sft_rows(catalog, "val", protocol, seed, 1, max_eval_samples) if do_eval else None
-    base = modeling.resolve_base_model(base_model, dataset)
+    if start_adapter:  # the adapter must have been trained on this base model
+        base = modeling.check_start(base_model, dataset, start_adapter, what="--start_adapter")
+    else:
+        base = modeling.resolve_base_model(base_model, dataset)
     if resume_from_checkpoint:
         resume_from_checkpoint = modeling.check_trainer_checkpoint(resume_from_checkpoint, output_dir, base)
     set_seed(seed)
-    model, tokenizer, info = modeling.load_base_model(base_model, dataset, quantize=quantize)
+    if start_adapter:
+        model, tokenizer, info = modeling.load_policy(base_model, dataset, start_adapter, quantize)
+    else:
+        model, tokenizer, info = modeling.load_base_model(base_model, dataset, quantize=quantize)
     train = tokenized_sft_dataset(tokenizer, train_rows, cutoff_len, "train")
     evals = tokenized_sft_dataset(tokenizer, eval_rows, cutoff_len, "val") if do_eval else None
     trainer = build_trainer(  # the epochs are already laid out in `train` (fresh candidates each epoch)
         model, tokenizer, info, train, evals, eval_step, modeling.lora_config(lora_r, lora_alpha, lora_dropout),
         callbacks=[modeling.base_record_callback(info)], **modeling.training_flags(locals()))
+    if start_adapter:
+        modeling.record_start(output_dir, start_adapter, trainer.is_world_process_zero())
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     final = modeling.save_final(trainer, tokenizer, output_dir, {
         "stage": "sft", "protocol": protocol, "dataset": catalog.name, "model": info,
+        "start_adapter": str(start_adapter) if start_adapter else None,
         "train_rows": len(train), "epochs": num_train_epochs, "seed": seed})
     return str(final)
 
