@@ -231,7 +231,9 @@ def _pretrain(model, tokenizer, catalog, epochs, lr, window, recall, seed, max_s
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     model.train()
     t0 = time.time()
+    prof = dict(seconds_tokenise_pad=0.0, seconds_steps=0.0, tokens=0, padded_positions=0)
     for step, batch in enumerate(batches[:total], 1):
+        ta = time.time()
         enc = [tokenizer(d, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for d in batch]
         width = max(map(len, enc))
         ids = torch.full((len(enc), width), tokenizer.pad_token_id)
@@ -241,15 +243,27 @@ def _pretrain(model, tokenizer, catalog, epochs, lr, window, recall, seed, max_s
             ids[j, :len(e)] = torch.tensor(e)
             labels[j, :len(e)] = torch.tensor(e)
             mask[j, :len(e)] = 1
+        tb = time.time()
+        prof["seconds_tokenise_pad"] += tb - ta
+        prof["tokens"] += int(mask.sum())
+        prof["padded_positions"] += mask.numel()
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        prof["seconds_steps"] += time.time() - tb
         if step % 100 == 0 or step == total:
             log(f"[tiny] pretrain step {step}/{total} loss {loss.item():.3f} ({time.time() - t0:.0f}s)", flush=True)
     model.eval()
+    # where the build's time goes (printed and kept in napo_build.json): steps vs tokenising, and padding
+    prof = {**{k: round(v, 1) if isinstance(v, float) else v for k, v in prof.items()}, "steps": total,
+            "threads": torch.get_num_threads(), "padding_share": round(1 - prof["tokens"] / max(1, prof["padded_positions"]), 3)}
+    log(f"[tiny] pretrain: {total} steps in {prof['seconds_steps']:.0f}s of forward/backward/AdamW, "
+        f"{prof['seconds_tokenise_pad']:.1f}s tokenising and padding; {prof['padding_share']:.0%} of the "
+        f"positions are padding ({torch.get_num_threads()} threads)", flush=True)
+    return prof
 
 
 def new_tiny_llama(tokenizer, opts: dict):
@@ -273,9 +287,10 @@ def build_tiny(dataset="lastfm", output_dir=None, **overrides) -> Path:
     torch.manual_seed(opts["seed"])
     tokenizer = build_tiny_tokenizer(catalog, opts["bpe_vocab_size"], opts["item_tokens"])
     model = new_tiny_llama(tokenizer, opts)
+    profile = None
     if opts["pretrain_epochs"] > 0:
-        _pretrain(model, tokenizer, catalog, opts["pretrain_epochs"], opts["pretrain_lr"],
-                  opts["pretrain_window"], opts["pretrain_recall"], opts["seed"], opts["pretrain_max_steps"])
+        profile = _pretrain(model, tokenizer, catalog, opts["pretrain_epochs"], opts["pretrain_lr"],
+                            opts["pretrain_window"], opts["pretrain_recall"], opts["seed"], opts["pretrain_max_steps"])
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -283,7 +298,7 @@ def build_tiny(dataset="lastfm", output_dir=None, **overrides) -> Path:
     tokenizer.save_pretrained(out)
     info = {"builder_version": BUILDER_VERSION, "dataset": catalog.name, "options": opts,
             "data_fingerprint": di.data_fingerprint(catalog), "n_params": sum(p.numel() for p in model.parameters()),
-            "state_sha256": state_hash(model)}
+            "state_sha256": state_hash(model), "pretrain_profile": profile}
     (out / "napo_build.json").write_text(json.dumps(info, indent=2))
     return out
 
