@@ -170,7 +170,8 @@ class NAPOCollator:
       history_ids   (B, W) item ids LEFT-padded with the SASRec's padding id, newest item last: the SASRec's own
                     layout (SASRec.pad keeps it as it is) and the (B, L) form the pool filter reads; only when a
                     padding id is given (with a SASRec: plain S-DPO reads no history);
-      target_id (B,), negative_ids (B, K); row_id (B,) (the dataset row) when the rows carry it; ref_chosen_logps (B,), ref_rejected_logps (B, K) when precomputed."""
+      target_id (B,), negative_ids (B, K); row_id (B,) (the dataset row) when the rows carry it;
+      ref_chosen_logps (B,), ref_rejected_logps (B, K) when precomputed."""
 
     def __init__(self, pad_item_id: int | None = None):
         self.pad_item = pad_item_id
