@@ -19,7 +19,8 @@ class NAPOConfig:
     reference: bool = False         # True: r = β(logπθ − logπref) (S-DPO); False: r = β·logπθ (authors' NAPO)
     share_negatives: bool = True    # in-batch negative sharing
     rho: float = 0.7                # share the negatives of the top floor(ρ(B−1)) most similar examples
-    margin_mode: str = "user"       # 'user' (personalised), 'batch' (authors' code), 'none'
+    margin_mode: str = "user"       # 'user' (personalised), 'batch' (one per batch, corrected), 'authors'
+                                    # (the authors' code as it is: napo_trainer.authors_objective), 'none'
     gamma0: float = 1.0
     alpha: float = 0.3
     momentum: float = 0.9           # EMA momentum m of the running mean M̄

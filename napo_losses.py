@@ -11,7 +11,8 @@ Conventions
 - Losses return one value per example, shape (B,); the trainer averages them.
 - Losses are computed in at least float32 (bf16 / fp16 rewards are up-cast; float64 stays float64).
 - Only ``logsumexp`` / ``logsigmoid`` are used, never ``log(sum(exp(.)))``, so rewards of +-1e4 give finite
-  losses and gradients.
+  losses and gradients. (The authors' code computes ``log(sum(exp(.)))`` directly, which overflows to inf in
+  float32 once a reward gap r(d) - r(p) reaches about 89; the `authors` mode keeps the stable form.)
 - Bad input raises ``NAPOLossError`` (a ``ValueError``) with a one-line message.
 """
 
@@ -35,12 +36,16 @@ __all__ = [
     "num_shared",
     "topk_similar",
     "build_negative_pool",
+    "authors_pool",
+    "item_scores",
     "personal_scores",
     "update_running_mean",
     "dynamic_margin",
 ]
 
-MARGIN_MODES = ("user", "batch", "none")
+# user: personalised margin (default); batch: one margin per batch, with this project's corrections;
+# authors: the NAPO authors' code as it is (see napo_trainer.authors_objective); none: no margin
+MARGIN_MODES = ("user", "batch", "authors", "none")
 
 
 class NAPOLossError(NapoError):
@@ -172,34 +177,48 @@ def reward_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor
 # in-batch negative sharing: each example also takes the (detached) negatives of its floor(ρ(B−1)) most
 # similar examples of the global batch, by the dot product of SASRec user vectors
 
-def num_shared(rho: float, batch_size: int) -> int:
+def num_shared(rho: float, batch_size: int, truncate: bool = False) -> int:
     """Number of neighbours whose negatives are shared: k = floor(rho * (G - 1)), G = GLOBAL batch size.
 
-    A tiny epsilon protects against float products such as 0.57 * 100 = 56.99999999999999.
+    A tiny epsilon protects against float products such as 0.57 * 100 = 56.99999999999999. With ``truncate``
+    (the authors' code) k = int(rho * (G - 1)), plain truncation: 56 there.
     """
     _check(0.0 <= rho <= 1.0, f"num_shared: rho must be in [0, 1], got {rho}")
     _check(batch_size >= 1, f"num_shared: batch size must be >= 1, got {batch_size}")
+    if truncate:
+        return int(rho * (batch_size - 1))
     return int(math.floor(rho * (batch_size - 1) + 1e-9))
 
 
 @torch.no_grad()
-def topk_similar(user_vecs: torch.Tensor, k: int) -> torch.Tensor:
+def topk_similar(user_vecs: torch.Tensor, k: int, row_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Indices (G,k) long of the k most similar OTHER examples, by dot product sim(u,v) = h_u . h_v.
 
     Row i never contains i (self is removed from the candidates, not just down-weighted, so it holds for
     duplicated vectors and when self-similarity is below others). Order: most similar first; ties broken by
     the lower index (stable sort), so the result is deterministic. Run it on the GLOBAL batch of user
     vectors; a process takes rows [offset, offset + local_batch).
+
+    With ``row_ids`` (G,) (the authors' self-exclusion) every entry j whose dataset row id equals row i's, i
+    itself included, is ranked after all the others (similarity -inf) instead: it is picked only when fewer
+    than k other rows remain, as their argsort over -inf entries would.
     """
     _check(user_vecs.dim() == 2, f"topk_similar: user_vecs must be (G,d), got {tuple(user_vecs.shape)}")
     G = user_vecs.shape[0]
     _check(0 <= k <= max(G - 1, 0), f"topk_similar: k={k} must be in [0, G-1={G - 1}]")
     _check(bool(torch.isfinite(user_vecs).all()), "topk_similar: user_vecs contain inf/NaN")
+    _check(row_ids is None or tuple(row_ids.shape) == (G,),
+           f"topk_similar: row_ids must be ({G},), got {None if row_ids is None else tuple(row_ids.shape)}")
     device = user_vecs.device
     if k == 0:
         return torch.zeros((G, 0), dtype=torch.long, device=device)
     vecs = _upcast(user_vecs)
     sims = vecs @ vecs.T                                             # (G,G)
+    if row_ids is not None:
+        ids = row_ids.to(device)
+        same = ids.unsqueeze(1) == ids.unsqueeze(0)                  # (G,G), True on the diagonal
+        sims = torch.where(same, torch.full_like(sims, float("-inf")), sims)
+        return torch.sort(-sims, dim=1, stable=True).indices[:, :k]
     # candidates of row i: all j != i, in increasing order  (j < i -> j ; j >= i -> j + 1)
     j = torch.arange(G - 1, device=device).unsqueeze(0)              # (1,G-1)
     i = torch.arange(G, device=device).unsqueeze(1)                  # (G,1)
@@ -293,21 +312,33 @@ def build_negative_pool(own_rewards: torch.Tensor, own_item_ids: torch.Tensor,
     return pool_rewards, pool_ids, pool_mask, is_own
 
 
+def authors_pool(global_values: torch.Tensor, offset: int, neighbours: torch.Tensor) -> torch.Tensor:
+    """The authors' pool of one process's rows, (B, K + k*K): columns [own K | neighbour 1's K | ...], all
+    taken from the GATHERED (G,K) tensor, so with rewards nothing in it keeps a gradient (own negatives
+    included) and nothing is filtered. Local row i is global row offset + i (their code indexes the gathered
+    tensor with i itself, so on ranks other than 0 its "own" columns are rank 0's; that is not reproduced).
+    Works for any per-negative value: rewards, or SASRec scores under the owner's history."""
+    _check(global_values.dim() == 2, f"authors_pool: global_values must be (G,K), got {tuple(global_values.shape)}")
+    G, K = global_values.shape
+    _check(neighbours.dim() == 2, f"authors_pool: neighbours must be (B,k), got {tuple(neighbours.shape)}")
+    B, k = neighbours.shape
+    _check(0 <= offset and offset + B <= G, f"authors_pool: offset={offset} + local batch {B} exceeds G={G}")
+    values = global_values.detach()
+    nb = neighbours.to(device=values.device, dtype=torch.long)
+    return torch.cat([values[offset: offset + B], values[nb].reshape(B, k * K)], dim=1)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # dynamic, personalised margin: γ_u = γ0(1 − α(S_u − M̄)), S_u = mean SASRec score of u's negatives
 
 @torch.no_grad()
-def personal_scores(user_vecs: torch.Tensor, item_emb: torch.Tensor, item_bias: Optional[torch.Tensor],
-                    item_ids: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """S_u = mean_{d in N_u} s(u,d),  s(u,e) = h_u . w_e + b_e   (the SASRec logit of e for u's history).
-
-    user_vecs (B,d) = h_u; item_emb (n_items,d) = w (SASRec output-layer weight); item_bias (n_items,) or
-    None; item_ids (B,M) = the pool's item ids; mask (B,M) bool (None = all valid). Shared negatives are
-    scored with u's OWN vector, so the margin is personal. Ids under mask False are ignored (may be pad).
-    Returns (B,) detached, float32 or wider. A row with no valid entry gets 0 (cannot happen when every
-    example has >= 1 own negative).
-    """
-    fn = "personal_scores"
+def item_scores(user_vecs: torch.Tensor, item_emb: torch.Tensor, item_bias: Optional[torch.Tensor],
+                item_ids: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """s(u,e) = h_u . w_e + b_e for every entry, (B,M) detached, float32 or wider: the SASRec logit of item e
+    for u's history. user_vecs (B,d) = h_u; item_emb (n_items,d) = w (SASRec output-layer weight); item_bias
+    (n_items,) or None; item_ids (B,M); mask (B,M) bool (None = all valid): entries under False are ignored
+    (their ids may be pad) and scored 0."""
+    fn = "item_scores"
     _check(user_vecs.dim() == 2, f"{fn}: user_vecs must be (B,d), got {tuple(user_vecs.shape)}")
     B, d = user_vecs.shape
     _check(item_emb.dim() == 2 and item_emb.shape[1] == d,
@@ -332,25 +363,42 @@ def personal_scores(user_vecs: torch.Tensor, item_emb: torch.Tensor, item_bias: 
     s = torch.einsum("bd,bmd->bm", h, w)
     if item_bias is not None:
         s = s + item_bias.to(device=device, dtype=h.dtype)[ids]
-    s = torch.where(mask, s, torch.zeros_like(s))
-    count = mask.sum(dim=1)
+    return torch.where(mask, s, torch.zeros_like(s))
+
+
+@torch.no_grad()
+def personal_scores(user_vecs: torch.Tensor, item_emb: torch.Tensor, item_bias: Optional[torch.Tensor],
+                    item_ids: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """S_u = mean_{d in N_u} s(u,d),  s(u,e) = h_u . w_e + b_e   (the SASRec logit of e for u's history).
+
+    Arguments as ``item_scores``. Shared negatives are scored with u's OWN vector, so the margin is personal.
+    Returns (B,) detached, float32 or wider. A row with no valid entry gets 0 (cannot happen when every
+    example has >= 1 own negative).
+    """
+    if mask is None:
+        mask = torch.ones(item_ids.shape, dtype=torch.bool, device=item_ids.device)
+    s = item_scores(user_vecs, item_emb, item_bias, item_ids, mask)
+    count = mask.to(s.device).sum(dim=1)
     return s.sum(dim=1) / count.clamp(min=1).to(s.dtype)
 
 
 def update_running_mean(M_bar: Optional[float], batch_mean: Union[float, torch.Tensor],
-                        momentum: float) -> float:
+                        momentum: float, start: Optional[float] = None) -> float:
     """Running mean of the negatives' confidence:  M_bar <- m * M_bar + (1 - m) * batch_mean.
 
     ``batch_mean`` = mean_u S_u over the GLOBAL batch (the trainer all-reduces it). M_bar is updated
     before it is used in the margin of the same step (as in the authors' code). On the first step (M_bar None)
     there is no history, so M_bar is initialised to batch_mean (not to 0, which would bias the first margins
-    by the raw logit scale).
+    by the raw logit scale). With ``start`` (the authors: 0.0) the first step instead updates M_bar = start:
+    M_bar_1 = m * start + (1 - m) * batch_mean.
     """
     _check(0.0 <= momentum <= 1.0, f"update_running_mean: momentum must be in [0, 1], got {momentum}")
     x = float(batch_mean.detach().item()) if isinstance(batch_mean, torch.Tensor) else float(batch_mean)
     _check(math.isfinite(x), f"update_running_mean: batch_mean is not finite ({x})")
     if M_bar is None:
-        return x
+        if start is None:
+            return x
+        M_bar = start
     return momentum * float(M_bar) + (1.0 - momentum) * x
 
 
@@ -360,10 +408,14 @@ def dynamic_margin(S: torch.Tensor, M_bar: Optional[float], gamma0: float, alpha
                    batch_stat: Optional[Union[float, torch.Tensor]] = None) -> Tuple[torch.Tensor, float]:
     """Margin gamma (B,) (a constant, no grad) and the fraction of rows whose raw margin was < 0.
 
-      user : gamma_u = gamma0 * (1 - alpha * (S_u - M_bar))                     (default; personal)
-      batch: gamma   = gamma0 * (1 - alpha * (M_t - M_bar)) for every row        (the authors' code)
-             M_t = ``batch_stat`` if given (the trainer passes the GLOBAL mean of S), else mean(S) locally
-      none : gamma = 0
+      user   : gamma_u = gamma0 * (1 - alpha * (S_u - M_bar))                   (default; personal)
+      batch  : gamma   = gamma0 * (1 - alpha * (M_t - M_bar)) for every row      (one margin per batch, with
+               this project's corrections: M_t = ``batch_stat`` if given (the trainer passes the GLOBAL
+               mean of S, S over the filtered pool scored under u's history), else mean(S) locally)
+      authors: gamma   = gamma0 - alpha * (M_t - M_bar) * gamma0 for every row   (the authors' code, as
+               written; M_t = ``batch_stat`` (the trainer passes this PROCESS's mean pool score, each
+               entry scored under its owner's history), else mean(S); never clamped, whatever ``clamp``)
+      none   : gamma = 0
 
     With ``clamp`` (default) gamma = max(gamma, 0); the returned fraction counts rows whose unclamped
     margin was negative (also reported when clamp=False, then as "would have clamped").
@@ -383,7 +435,11 @@ def dynamic_margin(S: torch.Tensor, M_bar: Optional[float], gamma0: float, alpha
             stat = torch.as_tensor(batch_stat, dtype=S.dtype, device=S.device).detach()
             _check(stat.numel() == 1, f"dynamic_margin: batch_stat must be a scalar, got shape {tuple(stat.shape)}")
             stat = stat.reshape(())
-        raw = (gamma0 * (1.0 - alpha * (stat - float(M_bar)))).expand_as(S).clone()
+        if mode == "authors":
+            raw = (gamma0 - alpha * (stat - float(M_bar)) * gamma0).expand_as(S).clone()
+            clamp = False
+        else:
+            raw = (gamma0 * (1.0 - alpha * (stat - float(M_bar)))).expand_as(S).clone()
     neg = raw < 0
     frac = float(neg.float().mean().item()) if raw.numel() else 0.0
     gamma = raw.clamp(min=0.0) if clamp else raw

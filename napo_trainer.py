@@ -14,6 +14,7 @@ Per step, for the (global) batch:
   4. margin: S_u = mean SASRec score of u's pool under u's own history; M̄ ← m·M̄ + (1−m)·mean S (global);
      γ_u = γ0(1 − α(S_u − M̄)), clamped at 0 (mode `user`), one batch margin (mode `batch`), or 0 (`none`);
   5. L = mean_u −log σ(−log Σ_d exp(r_d − r_p) − γ_u).
+Mode `authors` (`--margin_mode authors`) follows the NAPO authors' code instead: see authors_objective.
 """
 from __future__ import annotations
 
@@ -31,8 +32,8 @@ import modeling
 import scoring
 from napo_config import NAPOConfig  # its one home is napo_config.py (importable from here too)
 from napo_losses import (  # noqa: F401  (re-exported: the loss family is importable from here too)
-    MARGIN_MODES, build_negative_pool, dpo_loss, dynamic_margin, napo_loss, num_shared, personal_scores,
-    reward_accuracy, rewards, sdpo_loss, topk_similar, update_running_mean)
+    MARGIN_MODES, authors_pool, build_negative_pool, dpo_loss, dynamic_margin, item_scores, napo_loss, num_shared,
+    personal_scores, reward_accuracy, rewards, sdpo_loss, topk_similar, update_running_mean)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -77,13 +78,16 @@ def global_mean(x: torch.Tensor) -> torch.Tensor:
 # The NAPO objective on one batch, given the rewards (shared by the trainer, the tests and the benchmark)
 
 
-def napo_objective(chosen_r, own_rej_r, neg_ids, pos_ids, histories, cfg: NAPOConfig, sasrec=None, M_bar=None):
+def napo_objective(chosen_r, own_rej_r, neg_ids, pos_ids, histories, cfg: NAPOConfig, sasrec=None, M_bar=None,
+                   row_ids=None):
     """Per-example NAPO losses of this process's rows, plus statistics and the new running mean.
 
     chosen_r (B,), own_rej_r (B,K) attached rewards; neg_ids (B,K), pos_ids (B,), histories (B,L) item ids
     padded with the SASRec's padding id (sasrec.pad_id, the dataset's; the collator pads them on the left, the
     SASRec's layout). Histories and the SASRec are used only when cfg.needs_sasrec. With sharing on, the pool is
-    built over the global batch (all processes)."""
+    built over the global batch (all processes). row_ids (B,): dataset row ids, read by mode `authors` only."""
+    if cfg.margin_mode == "authors":
+        return authors_objective(chosen_r, own_rej_r, neg_ids, histories, cfg, sasrec, M_bar, row_ids)
     B, K = own_rej_r.shape
     pool_r, pool_ids, mask = own_rej_r, neg_ids, torch.ones_like(own_rej_r, dtype=torch.bool)
     h = None
@@ -116,6 +120,45 @@ def napo_objective(chosen_r, own_rej_r, neg_ids, pos_ids, histories, cfg: NAPOCo
     return losses, stats, M_bar
 
 
+def authors_objective(chosen_r, own_rej_r, neg_ids, histories, cfg: NAPOConfig, sasrec, M_bar=None, row_ids=None):
+    """napo_objective as the NAPO authors' code computes it (mode `authors`), to measure this project's
+    corrections. Differences from the other modes, all on purpose here:
+      * sharing on: the pool is taken from the gathered (gradient-free) rewards, own negatives included, so only
+        the positive term trains; nothing is filtered (u's positive, history, own negatives may recur);
+      * k = int(ρ(G−1)) (truncation); a neighbour never has u's dataset row id (row_ids; None = every row
+        distinct), duplicates of u's row included;
+      * one margin per batch and per PROCESS: M_t = mean SASRec score over every entry of this process's pool, a
+        shared negative scored under its owner's history; M̄ starts at 0 and M̄ ← m·M̄ + (1−m)·M_t is averaged
+        over the processes (= m·M̄ + (1−m)·mean over ranks of M_t); γ = γ0 − α(M_t − M̄)γ0, never clamped.
+    Kept from this project: global indices for "own" rows under several processes (their code uses the local
+    index), the stable log-sum-exp (their log(sum(exp)) overflows in float32 at a reward gap near 90), and eval
+    batches not moving M̄ (their evaluation updates it too)."""
+    if sasrec is None:
+        raise ValueError("mode 'authors' needs the SASRec (sasrec=None)")
+    B = own_rej_r.shape[0]
+    with torch.no_grad():
+        h = sasrec.user_vectors(histories).to(own_rej_r.device)
+    w, b = sasrec.output_layer()
+    own_s = item_scores(h, w, b, neg_ids)                  # (B,K): each negative under its owner's history
+    pool_r, pool_s = own_rej_r, own_s                      # sharing off: own negatives keep their gradient
+    if cfg.share_negatives:
+        g_h, offset = gather_rows(h)
+        g_r, _ = gather_rows(own_rej_r)
+        g_s, _ = gather_rows(own_s)
+        g_ids = gather_rows(row_ids.to(h.device))[0] if row_ids is not None else torch.arange(g_h.shape[0])
+        nb = topk_similar(g_h, num_shared(cfg.rho, g_h.shape[0], truncate=True), row_ids=g_ids)[offset: offset + B]
+        pool_r, pool_s = authors_pool(g_r, offset, nb), authors_pool(g_s, offset, nb)
+    M_t = pool_s.mean()
+    M_bar = update_running_mean(M_bar, global_mean(M_t.reshape(1)), cfg.momentum, start=0.0)
+    gamma, negative = dynamic_margin(pool_s.mean(1), M_bar, cfg.gamma0, cfg.alpha, "authors", batch_stat=M_t)
+    stats = {"equivalent_negatives": torch.full((B,), float(pool_r.shape[1]), device=own_rej_r.device),
+             "S_mean": pool_s.mean(1).float(), "clamped": torch.tensor([negative] * B, device=own_rej_r.device),
+             "gamma": gamma.float()}
+    losses = napo_loss(chosen_r, pool_r, None, gamma)
+    stats["accuracy_pool"] = reward_accuracy(chosen_r.detach(), pool_r.detach())
+    return losses, stats, M_bar
+
+
 # --------------------------------------------------------------------------------------------------
 # Data: our tokenization, kept item ids, a collator that puts each field in the one form its consumer takes
 
@@ -127,7 +170,8 @@ class NAPOCollator:
       history_ids   (B, W) item ids LEFT-padded with the SASRec's padding id, newest item last: the SASRec's own
                     layout (SASRec.pad keeps it as it is) and the (B, L) form the pool filter reads; only when a
                     padding id is given (with a SASRec: plain S-DPO reads no history);
-      target_id (B,), negative_ids (B, K); ref_chosen_logps (B,), ref_rejected_logps (B, K) when precomputed."""
+      target_id (B,), negative_ids (B, K); row_id (B,) (the dataset row) when the rows carry it;
+      ref_chosen_logps (B,), ref_rejected_logps (B, K) when precomputed."""
 
     def __init__(self, pad_item_id: int | None = None):
         self.pad_item = pad_item_id
@@ -142,6 +186,8 @@ class NAPOCollator:
             width = max(1, max(map(len, hist)))
             batch["history_ids"] = torch.tensor([[self.pad_item] * (width - len(h)) + h for h in hist],
                                                 dtype=torch.long)
+        if "row_id" in examples[0]:
+            batch["row_id"] = torch.tensor([e["row_id"] for e in examples])
         if "ref_chosen_logps" in examples[0]:
             batch["ref_chosen_logps"] = torch.tensor([e["ref_chosen_logps"] for e in examples])
             batch["ref_rejected_logps"] = torch.tensor([list(e["ref_rejected_logps"]) for e in examples])
@@ -175,24 +221,25 @@ class NAPOTrainer(DPOTrainer):
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         K, max_len = self.napo.num_negatives, args.max_length
 
-        def tokenize(example):
+        def tokenize(example, row_id):
             prompt_ids, ans = modeling.encode_prompt_answers(processing_class, example["prompt"],
                                                              [example["chosen"]] + list(example["rejected"]))
             if max_len is not None and len(prompt_ids) + max(map(len, ans)) > max_len:
                 raise di.DataError(f"{dataset_name} row: prompt+answer is {len(prompt_ids) + max(map(len, ans))} "
                                    f"tokens, over --cutoff_len {max_len} (rows are never truncated)")
-            return {"prompt_ids": prompt_ids, "chosen_ids": ans[0], "rejected_ids": ans[1:]}
+            # row_id: the dataset row, so mode `authors` can exclude every copy of u's row from its neighbours
+            return {"prompt_ids": prompt_ids, "chosen_ids": ans[0], "rejected_ids": ans[1:], "row_id": row_id}
 
         first = dataset[0]
         if len(first["rejected"]) != K:
             raise di.DataError(f"{dataset_name}: rows have {len(first['rejected'])} rejected answers, "
                                f"--num_negatives is {K}")
-        return dataset.map(tokenize, remove_columns=["prompt", "chosen", "rejected"])
+        return dataset.map(tokenize, with_indices=True, remove_columns=["prompt", "chosen", "rejected"])
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
             self._signature_columns = ["prompt_ids", "chosen_ids", "rejected_ids", "history_ids", "target_id",
-                                       "negative_ids", "ref_chosen_logps", "ref_rejected_logps"]
+                                       "negative_ids", "row_id", "ref_chosen_logps", "ref_rejected_logps"]
 
     # -- reference ---------------------------------------------------------------------------------
     def _ref_context(self):
@@ -253,7 +300,7 @@ class NAPOTrainer(DPOTrainer):
         chosen_r, rej_r = r[:, 0], r[:, 1:]
         losses, stats, M_bar = napo_objective(
             chosen_r, rej_r, inputs["negative_ids"], inputs["target_id"], inputs.get("history_ids"), cfg,
-            self.sasrec, self.M_bar)  # eval batches never move the trainer's running mean
+            self.sasrec, self.M_bar, inputs.get("row_id"))  # eval batches never move the trainer's running mean
         if mode == "train":
             self.M_bar = M_bar
         loss = losses.mean()

@@ -191,7 +191,7 @@ def claims(summary) -> list[dict]:
 
     # (d) personalised vs batch margin
     p = paired(s, "napo", "napo_batch_margin")
-    claim("d", "(d) a personalised margin beats one margin per batch (authors' code)", verdict_of(p),
+    claim("d", "(d) a personalised margin beats one margin per batch", verdict_of(p),
           "NAPO (user margin) vs batch margin, " + _fmt_pair(p))
 
     # (e) less popularity bias: lower popularity percentile of the top-1 item than S-DPO

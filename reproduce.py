@@ -119,6 +119,9 @@ METHODS = {
                               group="ablation", flags={**NAPO, "alpha": 0.0}, eval_flags=RANKING_ONLY),
     "napo_batch_margin": dict(stage="softmax_dpo", start="sft", label="NAPO, batch margin", group="ablation",
                               flags={**NAPO, "margin_mode": "batch"}, eval_flags=RANKING_ONLY),
+    # the authors' code as it is (napo_trainer.authors_objective): what this project's corrections are worth
+    "napo_authors": dict(stage="softmax_dpo", start="sft", label="NAPO, the authors' code", group="ablation",
+                         flags={**NAPO, "margin_mode": "authors"}, eval_flags=RANKING_ONLY),
     # number of own negatives K (K=3 is `sdpo` / `napo`)
     **{f"sdpo_k{k}": dict(stage="softmax_dpo", start="sft", label=f"S-DPO (K={k})", group="k_sweep",
                           flags={**SDPO, "num_negatives": k}, eval_flags=RANKING_ONLY) for k in (1, 7, 15)},

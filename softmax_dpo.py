@@ -6,6 +6,7 @@ K=3, rho=0.7, gamma0=1, alpha=0.3, momentum=0.9, beta=1, reference-free; written
 Flags switch NAPO's pieces off:
     --share_negatives False --margin_mode none --reference True     plain S-DPO (K negatives, softmax loss)
     --num_negatives 1 --share_negatives False --margin_mode none --reference True    = DPO
+    --margin_mode authors      the NAPO authors' code as it is (detached own negatives, M̄ from 0, ...: README)
 The SASRec behind sharing and the margin is trained once per dataset and cached (or --sasrec_checkpoint).
 Sharing works within one forward's global batch: per-device batch x processes (gradient accumulation
 does not enlarge it).
@@ -51,7 +52,7 @@ def main(
     num_negatives: int = NAPO.num_negatives,  # K (1..19)
     share_negatives: bool = NAPO.share_negatives,
     rho: float = NAPO.rho,
-    margin_mode: str = NAPO.margin_mode,       # user | batch | none
+    margin_mode: str = NAPO.margin_mode,       # user | batch | authors | none
     gamma0: float = NAPO.gamma0,
     alpha: float = NAPO.alpha,
     momentum: float = NAPO.momentum,

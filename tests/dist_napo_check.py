@@ -7,7 +7,7 @@
 Every process builds the same deterministic global batches (rewards, item ids, histories) and the same small
 random SASRec, takes its rows [offset, offset + size) of each batch (a split lists the per-rank sizes) and
 runs napo_trainer.napo_objective on them with sharing on, for two steps (the running mean M_bar carries over)
-and for the margin modes `user` and `batch`. Its rewards are fresh leaf tensors, so their gradient says
+and for the margin modes `user`, `batch` and `authors`. Its rewards are fresh leaf tensors, so their gradient says
 exactly which rewards the losses depend on: with sharing done right, dL_u/dr_v = 0 for v != u (shared
 negatives detached; `cross_grad` records the largest such entry) while u's own negatives keep theirs, and
 two processes give what one process holding all rows gives. Writes <out>/rank<r>.json: per step the
@@ -53,7 +53,7 @@ def make_sasrec():
     return model.eval()
 
 
-def run(sizes: list[int], rank: int, sasrec, modes=("user", "batch")) -> dict:
+def run(sizes: list[int], rank: int, sasrec, modes=("user", "batch", "authors")) -> dict:
     """This rank's results for one split (per-rank sizes), every margin mode, STEPS steps."""
     from napo_trainer import NAPOConfig, napo_objective
 
@@ -72,14 +72,16 @@ def run(sizes: list[int], rank: int, sasrec, modes=("user", "batch")) -> dict:
             # d L_u / d r_v for every pair of this rank's rows: only v = u may be nonzero (shared = detached)
             cross = 0.0
             for u in range(len(losses)):
-                gc, gr = torch.autograd.grad(losses[u], (chosen, rejected), retain_graph=True)
+                gc, gr = torch.autograd.grad(losses[u], (chosen, rejected), retain_graph=True, allow_unused=True,
+                                             materialize_grads=True)  # `authors`: no gradient reaches rejected
                 gc[u], gr[u] = 0.0, 0.0
                 cross = max(cross, gc.abs().max().item(), gr.abs().max().item())
             losses.sum().backward()
+            grad_rejected = torch.zeros_like(rejected) if rejected.grad is None else rejected.grad
             steps.append({"losses": losses.tolist(), "grad_chosen": chosen.grad.tolist(), "cross_grad": cross,
-                          "grad_rejected": rejected.grad.tolist(), "M_bar": M_bar,
+                          "grad_rejected": grad_rejected.tolist(), "M_bar": M_bar,
                           "equivalent_negatives": stats["equivalent_negatives"].tolist(),
-                          "gamma": stats["gamma"].tolist()})
+                          "gamma": stats["gamma"].tolist(), "M_t": float(stats["S_mean"].double().mean())})
         out["modes"][mode] = steps
     return out
 

@@ -87,6 +87,7 @@ def test_unknown_flag_suggests_the_nearest_and_runs_nothing(capsys, no_models, t
     ("softmax_dpo", ["--num_negatives", 20], "--num_negatives 20: must be between 1 and 19"),
     ("softmax_dpo", ["--share_negatives", "yes"], "--share_negatives 'yes': expected True or False"),
     ("softmax_dpo", ["--margin_mode", "users"], "--margin_mode 'users': choose one of"),
+    ("softmax_dpo", ["--margin_mode", "author"], "--margin_mode 'author': choose one of user, batch, authors, none"),
     ("dpo", ["--warmup_ratio", 1.5], "--warmup_ratio 1.5: must be between 0 and 1"),
     ("inference", ["--protocol", "leaky"], "--protocol 'leaky': choose one of clean, sdpo"),
     ("inference", ["--max_test_samples", -2], "--max_test_samples -2: must be >= -1"),
@@ -103,6 +104,22 @@ def test_options_checked_by_type_and_range(capsys, no_models, tmp_path, small_mo
     last = cli_error(capsys, main, args)
     assert needle in last, last
     assert not out.exists(), "nothing is written (no start.json, no output folder)"
+
+
+def test_margin_mode_authors_is_accepted(capsys, no_models, tmp_path, small_model):
+    """`--margin_mode authors` passes the one check of options (cli.RULES, NAPOConfig.validate): the run stops
+    only at the next bad flag."""
+    import softmax_dpo
+    from napo_config import NAPOConfig
+
+    NAPOConfig(margin_mode="authors").validate()
+    cli.check_options({"margin_mode": "authors"})
+    out = tmp_path / "out"
+    last = cli_error(capsys, softmax_dpo.main, ["--base_model", small_model, "--output_dir", out,
+                                                "--resume_from_checkpoint", tmp_path, "--margin_mode", "authors",
+                                                "--gamma0", -1])
+    assert "--gamma0 -1" in last and "margin_mode" not in last, last
+    assert not out.exists()
 
 
 def test_python_calls_are_checked_too(no_models, tmp_path):

@@ -50,7 +50,8 @@ def _train_steps(run_info):
 def test_napo_objective_two_processes_equal_one(tmp_path):
     """Per-example losses, gradients w.r.t. each process's own rewards and the running mean M_bar are the same
     when the global batch is split over 2 processes (evenly, 4 + 4, and unevenly, 5 + 3) as when one process
-    holds all 8 rows; sharing on, margin modes user and batch, two steps."""
+    holds all 8 rows; sharing on, margin modes user and batch, two steps. Mode `authors` keeps the authors'
+    per-process margin, so there only the pool and the running mean agree with one process."""
     sys.path.insert(0, str(Path(__file__).parent))
     import dist_napo_check as chk
 
@@ -87,6 +88,22 @@ def test_napo_objective_two_processes_equal_one(tmp_path):
                 assert all(g > 0 for row in one["grad_rejected"] for g in row), where
                 assert one["cross_grad"] == 0.0 and two[0]["cross_grad"] == two[1]["cross_grad"] == 0.0, where
     assert ref["modes"]["user"][1]["M_bar"] != ref["modes"]["user"][0]["M_bar"]  # it did move
+    # mode `authors`: the same pool as one process, but each rank its own margin from its own M_t, and M_bar
+    # (from 0) the mean over ranks of m M_bar + (1-m) M_t; no gradient reaches any negative
+    for i, sizes in enumerate([[4, 4], [5, 3]]):
+        two_runs = [ranks[r][i]["modes"]["authors"] for r in range(2)]
+        M_bar = 0.0
+        for step in range(chk.STEPS):
+            one, two = ref["modes"]["authors"][step], [t[step] for t in two_runs]
+            where = f"authors, split {sizes}, step {step}"
+            assert [x for t in two for x in t["equivalent_negatives"]] == one["equivalent_negatives"], where
+            M_bar = 0.9 * M_bar + 0.1 * (two[0]["M_t"] + two[1]["M_t"]) / 2
+            assert two[0]["M_bar"] == two[1]["M_bar"] == pytest.approx(M_bar, abs=1e-6), where
+            for t in two:
+                assert t["gamma"] == pytest.approx([1.0 - 0.3 * (t["M_t"] - M_bar)] * len(t["gamma"]), abs=1e-6)
+                assert all(g == 0.0 for row in t["grad_rejected"] for g in row), where
+            assert two[0]["gamma"][0] != pytest.approx(two[1]["gamma"][0], abs=1e-6), where  # per-rank margins
+        assert ref["modes"]["authors"][0]["M_bar"] == pytest.approx(0.1 * ref["modes"]["authors"][0]["M_t"])
 
 
 # --------------------------------------------------------------------------------------------------

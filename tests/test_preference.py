@@ -77,6 +77,34 @@ def test_dpo_sdpo_napo_then_inference(stages):
     assert after > before
 
 
+def test_authors_mode_trains(stages, tmp_path, monkeypatch):
+    """`--margin_mode authors` through the real trainer: each row's dataset index reaches the pool (row_id), the
+    pool is unfiltered (B=8, rho=0.7: int(0.7*7) = 4 neighbours, exactly 3 + 4*3 = 15 negatives every step), and
+    the first running mean starts from 0 (M_bar_1 = 0.1 * M_1, whose sign is M_1's)."""
+    import napo_trainer
+    import softmax_dpo
+
+    seen, objective = [], napo_trainer.authors_objective
+
+    def recording(*a, **kw):
+        seen.append(a[-1] if len(a) == 8 else kw.get("row_ids"))
+        return objective(*a, **kw)
+
+    monkeypatch.setattr(napo_trainer, "authors_objective", recording)
+    out = tmp_path / "authors"
+    softmax_dpo.main(base_model=stages["model"], resume_from_checkpoint=stages["sft"], output_dir=str(out),
+                     sasrec_checkpoint=stages["sasrec"], margin_mode="authors", max_train_samples=16, batch_size=8,
+                     logging_steps=1, learning_rate=1e-3)
+    info = json.loads((out / "final_checkpoint" / "napo_run.json").read_text())
+    assert info["napo"]["margin_mode"] == "authors"
+    assert len(seen) == 2 and sorted(int(i) for ids in seen for i in ids) == list(range(16))  # every row once
+    log = [h for h in info["log_history"] if "napo/equivalent_negatives" in h]
+    assert len(log) == 2 and all(h["napo/equivalent_negatives"] == 15 for h in log)
+    first = log[0]
+    assert first["napo/M_bar"] == pytest.approx(0.1 * first["napo/S_mean"], rel=1e-4)
+    assert first["napo/gamma_mean"] == pytest.approx(1.0 - 0.3 * 0.9 * first["napo/S_mean"], abs=1e-4)
+
+
 def test_bad_options_fail_before_training(stages, tmp_path):
     import cli
     import softmax_dpo
