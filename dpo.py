@@ -58,7 +58,7 @@ def main(
     set_seed(seed)
     model, tokenizer, info = modeling.load_policy(base_model, dataset, start, quantize)
     trainer = build_trainer(model, tokenizer, info, rows, beta, callbacks=[modeling.base_record_callback(info)], **flags)
-    modeling.run_preference_stage(trainer, tokenizer, output_dir, start, ckpt, {
+    modeling.run_stage(trainer, tokenizer, output_dir, start, ckpt, {
         "stage": "dpo", "protocol": protocol, "dataset": catalog.name, "model": info, "beta": beta,
         "start_adapter": str(start), "train_rows": len(rows), "epochs": num_train_epochs, "seed": seed})
 

@@ -740,9 +740,9 @@ def load_policy(base_model, dataset, start_adapter, quantize="auto"):
 
 
 def check_start(base_model, dataset, start_adapter, ckpt=None, what="--resume_from_checkpoint") -> Path:
-    """Before a preference stage loads anything: the base model folder (built if need be), the start adapter
-    trained on it and, when the run resumes, its checkpoint-N (trained on the same base). Returns the base
-    model's folder."""
+    """Before a stage that starts from an adapter loads anything: the base model folder (built if need be), the
+    start adapter trained on it and, when the run resumes, its checkpoint-N (trained on the same base). Returns
+    the base model's folder."""
     base = resolve_base_model(base_model, dataset)
     check_adapter(start_adapter, what, base=base)
     if ckpt:
@@ -750,10 +750,11 @@ def check_start(base_model, dataset, start_adapter, ckpt=None, what="--resume_fr
     return base
 
 
-def run_preference_stage(trainer, tokenizer, output_dir, start_adapter, ckpt, run: dict) -> Path:
-    """The end of a preference stage's main(): record the adapter it starts from, train (continuing `ckpt`
-    if given) and save the final adapter whole with the run's record."""
-    record_start(output_dir, start_adapter, trainer.is_world_process_zero())
+def run_stage(trainer, tokenizer, output_dir, start_adapter, ckpt, run: dict) -> Path:
+    """The end of every training stage's main(): record the adapter it starts from (if any), train
+    (continuing the Trainer checkpoint `ckpt` if given) and save the final adapter whole with the run's record."""
+    if start_adapter:
+        record_start(output_dir, start_adapter, trainer.is_world_process_zero())
     trainer.train(resume_from_checkpoint=ckpt)
     return save_final(trainer, tokenizer, output_dir, run)
 

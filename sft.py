@@ -94,19 +94,14 @@ def main(
     if resume_from_checkpoint:
         resume_from_checkpoint = modeling.check_trainer_checkpoint(resume_from_checkpoint, output_dir, base)
     set_seed(seed)
-    if start_adapter:
-        model, tokenizer, info = modeling.load_policy(base_model, dataset, start_adapter, quantize)
-    else:
-        model, tokenizer, info = modeling.load_base_model(base_model, dataset, quantize=quantize)
+    model, tokenizer, info = (modeling.load_policy(base_model, dataset, start_adapter, quantize) if start_adapter
+                              else modeling.load_base_model(base_model, dataset, quantize=quantize))
     train = tokenized_sft_dataset(tokenizer, train_rows, cutoff_len, "train")
     evals = tokenized_sft_dataset(tokenizer, eval_rows, cutoff_len, "val") if do_eval else None
     trainer = build_trainer(  # the epochs are already laid out in `train` (fresh candidates each epoch)
         model, tokenizer, info, train, evals, eval_step, modeling.lora_config(lora_r, lora_alpha, lora_dropout),
         callbacks=[modeling.base_record_callback(info)], **modeling.training_flags(locals()))
-    if start_adapter:
-        modeling.record_start(output_dir, start_adapter, trainer.is_world_process_zero())
-    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
-    final = modeling.save_final(trainer, tokenizer, output_dir, {
+    final = modeling.run_stage(trainer, tokenizer, output_dir, start_adapter, resume_from_checkpoint, {
         "stage": "sft", "protocol": protocol, "dataset": catalog.name, "model": info,
         "start_adapter": str(start_adapter) if start_adapter else None,
         "train_rows": len(train), "epochs": num_train_epochs, "seed": seed})

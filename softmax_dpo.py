@@ -96,7 +96,7 @@ def main(
     model, tokenizer, info = modeling.load_policy(base_model, dataset, start, quantize)
     trainer = build_trainer(model, tokenizer, info, rows, napo, sasrec, precompute_ref_log_probs,
                             callbacks=[modeling.base_record_callback(info)], **flags)
-    modeling.run_preference_stage(trainer, tokenizer, output_dir, start, ckpt, {
+    modeling.run_stage(trainer, tokenizer, output_dir, start, ckpt, {
         "stage": "napo" if napo.needs_sasrec else "sdpo", "protocol": protocol, "dataset": catalog.name,
         "model": info, "napo": asdict(napo), "start_adapter": str(start), "train_rows": len(rows),
         "epochs": num_train_epochs, "seed": seed, "M_bar": trainer.M_bar})
