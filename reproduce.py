@@ -61,7 +61,8 @@ SCALE = dict(sft_rows=8192, pref_rows=2048, test_rows=-1)
 # --quick: a small model built in seconds and a few rows (tests/conftest.py builds the same model).
 QUICK_SCALE = dict(sft_rows=256, pref_rows=64, test_rows=32)
 QUICK_MODEL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                   intermediate_size=128, pretrain_epochs=1, pretrain_max_steps=60)
+                   intermediate_size=128, pretrain_epochs=1, pretrain_recall=1.0, pretrain_lr=5e-3,
+                   pretrain_max_steps=150, probe_rows=100)
 
 # Options every run of a stage puts on its command line, before the method's own flags (so a recorded command
 # says what it ran with). DEFAULT: the stage's own default, read from its function's signature (the one place

@@ -11,10 +11,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# Tests build small models from the dataset in seconds (a 60-step domain pretraining, so the embeddings
-# carry item popularity); item-token and pure-BPE variants.
+# Tests build small models from the dataset in about a minute (a 150-step pretraining, list prompts as often
+# as windows, so the embeddings carry item popularity and the item-token model answers from the list:
+# tests/test_list_recall.py); item-token and pure-BPE variants.
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             intermediate_size=128, pretrain_epochs=1, pretrain_max_steps=60)
+             intermediate_size=128, pretrain_epochs=1, pretrain_recall=1.0, pretrain_lr=5e-3, pretrain_max_steps=150,
+             probe_rows=100)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -15,7 +15,8 @@ import modeling
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             intermediate_size=128, pretrain_epochs=1, pretrain_max_steps=60)  # = conftest.SMALL
+             intermediate_size=128, pretrain_epochs=1, pretrain_recall=1.0, pretrain_lr=5e-3, pretrain_max_steps=150,
+             probe_rows=100)  # = conftest.SMALL
 
 
 def cli_error(capsys, target, argv, default=None) -> str:

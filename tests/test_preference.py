@@ -193,7 +193,7 @@ def test_killed_run_resumes_to_the_same_adapter(stages, tmp_path, monkeypatch):
 
 def test_sft_continues_from_an_adapter(stages, tmp_path):
     """`sft.py --start_adapter A` trains A further (the continued-SFT control): the same LoRA tensors, changed;
-    its first loss is the trained adapter's, below a fresh SFT's on the same rows and seed (6.26 vs 6.59); start.json and
+    its first loss is the trained adapter's, below a fresh SFT's on the same rows and seed; start.json and
     napo_run.json record A; a missing adapter fails in one line before anything is written."""
     from safetensors.torch import load_file
 

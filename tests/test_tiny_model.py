@@ -1,0 +1,134 @@
+"""tiny_model.py: the embedded model's copy head — exact lift, the same logits through every path (full
+forward, cached greedy decoding, shared-prompt scoring with its 4-D mask), saved and loaded, left alone by LoRA."""
+import random
+
+import pytest
+import torch
+
+import data_interface as di
+import inference
+import modeling
+import scoring
+import tiny_model
+
+
+@pytest.fixture(scope="module")
+def small():
+    """A small random napo_tiny whose votes are strong (bias +2, lift e^2), so any path that mishandles
+    them shows."""
+    torch.manual_seed(0)
+    catalog = di.load_catalog("lastfm")
+    tok = modeling.build_tiny_tokenizer(catalog, 2000, True)
+    cfg = tiny_model.TinyCopyConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, copy_bias=2.0, copy_log_scale=2.0)
+    model = tiny_model.TinyCopyForCausalLM(cfg).eval()
+    rng = random.Random(0)
+    prompts = [modeling.list_prompt(catalog, rng) for _ in range(3)]
+    return model, tok, catalog, prompts
+
+
+def test_lift_is_exact_and_only_on_tokens_in_the_context(small):
+    model, tok, _, prompts = small
+    ids = torch.tensor([tok(prompts[0][0])["input_ids"]])
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits[0, -1]
+        plain = model.lm_head(model.model(input_ids=ids).last_hidden_state)[0, -1]
+        h = model.model(input_ids=ids).last_hidden_state
+        w = model.copy_votes(h[:, -1:], model.copy_key(h), torch.ones(1, 1, ids.shape[1], dtype=torch.bool))[0, 0]
+    lift = logits - plain
+    seen = set(ids[0].tolist())
+    absent = [t for t in range(len(tok)) if t not in seen]
+    assert lift[absent].abs().max() == 0  # a token not in the context is not touched
+    expect = torch.zeros(len(tok)).index_add(0, ids[0], w)
+    assert torch.allclose(lift, expect, atol=1e-5)
+    assert lift[list(seen)].min() > 0.5  # and the votes are strong enough to matter in the tests below
+
+
+def test_cached_greedy_decoding_equals_full_forwards(small):
+    """inference.generate (left padding, KV cache: the copy keys ride on the cache) == greedy decoding by a
+    full forward per step, row by row."""
+    model, tok, _, prompts = small
+    ids = [tok(p)["input_ids"] for p, _, _ in prompts]
+    assert len({len(i) for i in ids}) > 1  # padding is exercised
+    got = inference.generate(model, tok, ids, 4)
+    for row, out in zip(ids, got):
+        x, seq = torch.tensor([row]), []
+        for _ in range(4):
+            with torch.no_grad():
+                t = int(model(input_ids=x, use_cache=False).logits[0, -1].argmax())
+            if t == tok.eos_token_id:
+                break
+            seq.append(t)
+            x = torch.cat([x, torch.tensor([[t]])], 1)
+        assert out == modeling.decode(tok, seq).strip()
+
+
+def test_shared_prompt_scoring_equals_one_row_per_answer(small):
+    """scoring.answer_logps packs 20+ answers behind one prompt with a 4-D mask: the copy head must see
+    exactly what each answer sees (votes from another answer's tokens would change the scores)."""
+    model, tok, catalog, prompts = small
+    p_ids, a_ids = zip(*[modeling.encode_prompt_answers(tok, p, [di.answer_text(catalog, i) for i in c[:6]])
+                         for p, c, _ in prompts])
+    shared = scoring.answer_logps(model, list(p_ids), list(a_ids), pad_token_id=tok.pad_token_id)
+    naive = scoring.answer_logps(model, list(p_ids), list(a_ids), pad_token_id=tok.pad_token_id, shared=False)
+    assert torch.allclose(shared, naive, atol=1e-4)
+
+
+def test_saved_model_loads_as_napo_tiny_and_lora_leaves_the_head_alone(small, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, tok, _, prompts = small
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is tiny_model.TinyCopyForCausalLM
+    ids = torch.tensor([tok(prompts[1][0])["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    from peft import get_peft_model
+
+    peft = get_peft_model(loaded, modeling.lora_config())
+    trainable = [n for n, p in peft.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert not any("copy_" in n for n in trainable)
+
+
+def test_trl_fused_lm_head_goes_through_the_copy_head(small):
+    """TRL's SFT/DPO trainers patch `model.forward` with a fused LM head that would skip the copy head: the
+    patch is declined and fused_lm_head=True is answered from the full logits (same loss, same log-probs)."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    model, tok, _, prompts = small
+    ids = torch.tensor([tok(prompts[0][0])["input_ids"]])
+    labels = ids.clone()
+    labels[:, :5] = -100
+    with torch.no_grad():
+        ref = model(input_ids=ids, labels=labels)
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+    assert "forward" not in vars(model)
+    with torch.no_grad():
+        fused = model(input_ids=ids, labels=labels, fused_lm_head=True)
+    assert torch.allclose(fused.loss, ref.loss, atol=1e-5)
+    shifted = labels[:, 1:]
+    lp = ref.logits[:, :-1].log_softmax(-1).gather(-1, shifted.clamp(min=0)[..., None])[..., 0]
+    assert torch.allclose(fused.log_probs, lp.masked_fill(shifted == -100, 0.0), atol=1e-5)
+    assert fused.label_mask.sum() == (shifted != -100).sum()
+
+
+def test_sft_trainer_trains_the_model_that_is_evaluated(small_model, tmp_path):
+    """The SFT stage's own trainer (sft.build_trainer) computes the loss of the model's own forward."""
+    import sft
+
+    model, tok, info = modeling.load_base_model(small_model, quantize="none")
+    catalog = di.load_catalog("lastfm")
+    train = sft.tokenized_sft_dataset(tok, di.sft_rows(catalog, "train", max_samples=8), 512, "train")
+    trainer = sft.build_trainer(model, tok, info, train, output_dir=str(tmp_path / "sft"), batch_size=8,
+                                gradient_accumulation_steps=1, learning_rate=1e-3, cutoff_len=512, seed=0,
+                                report_to="none", warmup_ratio=0.0, lr_scheduler_type="constant", max_grad_norm=0.3,
+                                logging_steps=1, save_steps=0)
+    batch = next(iter(trainer.get_train_dataloader()))
+    with torch.no_grad():
+        own = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            labels=batch["labels"]).loss
+        assert torch.allclose(trainer.compute_loss(trainer.model, dict(batch)), own, atol=1e-5)

@@ -1,0 +1,145 @@
+"""The embedded default's architecture: a Llama with a copy head (model type `napo_tiny`).
+
+A 7B LLM answers from a list in its prompt out of the box; it learned to from web text. A 4-layer model
+trained on listening sequences does not: a LastFM sequence never repeats an artist, so its training teaches
+"never name a title that is in the context", and from a standard initialisation it did not discover
+in-context copying within any build budget we tried (README, "The embedded model"). So the stand-in gets
+the mechanism as architecture, the way pointer-generator networks do, and learns *when* to use it from
+content-free data (modeling.pretraining_docs):
+
+    logits[t] = lm_head(h)[t] + exp(scale) * sum_i sigmoid(q(h) . k(h_i) / sqrt(d) + bias) * [x_i == t]
+
+h is the last hidden state at the predicting position, h_i and x_i the hidden state and token id at every
+position it may attend to (the same causal / padding / custom 4-D mask as the attention layers). Each
+position i independently votes (sigmoid, not softmax: a list of 20 gets the same lift as a list of 2) for
+its own token. The lift is exact: a token that is not in the context gets none, so the domain prior
+(lm_head) still ranks the listed titles against each other. q and k are called `copy_query`/`copy_key`, not
+`*_proj`, so LoRA (modeling.LORA_TARGETS) leaves them alone: SFT and preference stages train what the model
+prefers, not where the list is.
+
+During cached generation the copy keys and ids of earlier positions ride on the cache object
+(`cache.napo_copy`); greedy and constrained decoding (inference.generate) give the same logits as a full
+forward (tests/test_tiny_model.py).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+
+class TinyCopyConfig(LlamaConfig):
+    model_type = "napo_tiny"
+
+    def __init__(self, copy_dim: int = 32, copy_bias: float = -2.0, copy_log_scale: float = 2.75, **kwargs):
+        self.copy_dim = copy_dim              # width of the copy head's query/key
+        self.copy_bias = copy_bias            # initial bias of each vote (sigmoid(-2) = 0.12)
+        self.copy_log_scale = copy_log_scale  # initial log of a full vote's lift (e^2.75 = 15.6 logits)
+        super().__init__(**kwargs)
+
+
+def allowed_positions(attention_mask, q_len: int, k_len: int, device) -> torch.Tensor:
+    """(B or 1, q_len, k_len) bool: which positions each query may read, as the attention layers do:
+    causal (+ the 2-D padding mask) or, for a 4-D custom mask (scoring.py's shared prompts), that mask
+    (bool: True = attend; float: additive, 0 = attend)."""
+    if attention_mask is not None and attention_mask.dim() == 4:
+        m = attention_mask[:, 0, -q_len:, -k_len:]
+        return m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
+    causal = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(diagonal=k_len - q_len)[None]
+    if attention_mask is None:
+        return causal
+    return causal & attention_mask[:, None, -k_len:].bool()
+
+
+class TinyCopyForCausalLM(LlamaForCausalLM):
+    config_class = TinyCopyConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.copy_query = nn.Linear(config.hidden_size, config.copy_dim, bias=False)
+        self.copy_key = nn.Linear(config.hidden_size, config.copy_dim, bias=False)
+        self.copy_gate = nn.Parameter(torch.tensor([config.copy_bias, config.copy_log_scale]))  # vote bias, log scale
+        self.post_init()
+
+    def copy_votes(self, hidden, keys, allowed):
+        """(B, q, k) weight of each attended position's vote for its token."""
+        scores = self.copy_query(hidden) @ keys.transpose(1, 2) / math.sqrt(keys.shape[-1])
+        w = torch.sigmoid(scores + self.copy_gate[0]) * self.copy_gate[1].exp()
+        return w.masked_fill(~allowed, 0.0)
+
+    def __setattr__(self, name, value):
+        # TRL's trainers (SFT, DPO) call add_fused_lm_head, which replaces `model.forward` by one that, given
+        # fused_lm_head=True, projects the backbone's hidden states through lm_head itself — skipping the copy
+        # head, so SFT would train a different model from the one that is evaluated. This forward answers
+        # fused_lm_head=True itself (fused_outputs), so that replacement is declined.
+        code = getattr(getattr(value, "__func__", value), "__code__", None)  # functools.wraps renames it "forward"
+        if name == "forward" and code is not None and code.co_name == "_fused_forward":
+            return
+        super().__setattr__(name, value)
+
+    def fused_outputs(self, logits, labels, shift_labels=None, num_items_in_batch=None):
+        """What TRL's fused LM head returns (trl.trainer.utils.FusedCausalLMOutput), from the full logits:
+        per next-token label its log-probability (with gradient), entropy, log Σ p², mean logit and whether it
+        is the top token; zero where the label is -100; loss = -Σ log p / (num_items_in_batch or their count)."""
+        from trl.trainer.utils import FusedCausalLMOutput
+
+        if shift_labels is None:
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        else:
+            labels = shift_labels
+        mask = labels != -100
+        logp = logits.float().log_softmax(-1)
+        log_probs = logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0].masked_fill(~mask, 0.0)
+        with torch.no_grad():
+            p = logp.exp()
+            entropy = (-(p * logp).sum(-1)).masked_fill(~mask, 0.0)
+            log_sum_sq = torch.logsumexp(2 * logp, -1).masked_fill(~mask, 0.0)
+            mean_logits = logits.float().mean(-1).masked_fill(~mask, 0.0)
+            is_top1 = (logits.argmax(-1) == labels) & mask
+        loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
+        return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, log_sum_sq_probs=log_sum_sq,
+                                   mean_logits=mean_logits, is_top1=is_top1, label_mask=mask)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                labels=None, use_cache=None, logits_to_keep=0, fused_lm_head=False, shift_labels=None,
+                num_items_in_batch=None, **kwargs):
+        if fused_lm_head:  # TRL's trainers: per-token log-probs of the labels, through the copy head too
+            logits = self(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          inputs_embeds=inputs_embeds, use_cache=False, **kwargs).logits
+            return self.fused_outputs(logits, labels, shift_labels, num_items_in_batch)
+        if input_ids is None:
+            raise ValueError("napo_tiny: the copy head needs input_ids (inputs_embeds alone do not name tokens)")
+        cache = cache if cache is not None else kwargs.pop("past_key_values", None)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         cache=cache, use_cache=use_cache, **kwargs)
+        h = out.last_hidden_state
+        keys, ids = self.copy_key(h), input_ids
+        state = out.cache if use_cache is not False else None
+        if state is not None and getattr(state, "napo_copy", None) is not None:
+            keys = torch.cat([state.napo_copy[0], keys], 1)
+            ids = torch.cat([state.napo_copy[1], ids], 1)
+        if state is not None:
+            state.napo_copy = (keys, ids)
+        B, q_len = input_ids.shape
+        w = self.copy_votes(h, keys, allowed_positions(attention_mask, q_len, keys.shape[1], h.device))
+        ids = ids[:, None, :].expand(B, q_len, ids.shape[1])
+        if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dtype == torch.bool:
+            h, w, ids = h[logits_to_keep], w[logits_to_keep], ids[logits_to_keep]  # (n, ...) in row-major order
+        elif isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            h, w, ids = h[:, -logits_to_keep:], w[:, -logits_to_keep:], ids[:, -logits_to_keep:]
+        elif not isinstance(logits_to_keep, int):
+            raise ValueError("napo_tiny: logits_to_keep must be an int or a boolean mask")
+        logits = self.lm_head(h)
+        logits = logits + torch.zeros_like(logits).scatter_add(-1, ids, w.to(logits.dtype))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size,
+                                      num_items_in_batch=num_items_in_batch, shift_labels=shift_labels, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache)
+
+
+AutoConfig.register(TinyCopyConfig.model_type, TinyCopyConfig)
+AutoModelForCausalLM.register(TinyCopyConfig, TinyCopyForCausalLM)
