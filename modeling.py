@@ -186,8 +186,7 @@ def list_prompt(catalog, rng: random.Random, history=(3, 10)) -> tuple[str, list
     (disjoint), a random template. Returns (prompt, candidate ids, history ids). No user, no popularity."""
     items = rng.sample(range(catalog.n_items), di.NUM_CANDIDATES + rng.randint(*history))
     cands, hist = items[:di.NUM_CANDIDATES], items[di.NUM_CANDIDATES:]
-    tpl = di.TEMPLATES[rng.randrange(len(di.TEMPLATES))]
-    return tpl.format(candidates=di.quote_titles(catalog, cands), history=di.quote_titles(catalog, hist)), cands, hist
+    return di.build_prompt(catalog, hist, cands, rng.randrange(len(di.TEMPLATES))), cands, hist
 
 
 def pretraining_docs(catalog, epochs, window, recall, seed) -> list[list[tuple]]:
