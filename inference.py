@@ -102,6 +102,7 @@ def main(
     scoring_mode: str = "shared",          # 'shared' (prompt encoded once) or 'naive' (prompt per answer)
     max_new_tokens: int = 20,
     quantize: str = "auto",
+    merge_adapter: bool = True,            # fold the adapter into the weights (W + BA, once) unless 4-bit
     progress: bool = True,
 ):
     import torch
@@ -118,6 +119,8 @@ def main(
     model, tokenizer, info = modeling.load_base_model(base_model, dataset, quantize=quantize, for_training=False)
     if resume_from_checkpoint:
         model = modeling.load_adapter(model, resume_from_checkpoint, trainable=False)
+        if merge_adapter and not info.get("quantized_4bit"):
+            model = model.merge_and_unload()  # the same function, without LoRA's extra matmuls in every forward
     model.eval()
     # Shard whole batches, not rows: batch j (rows j*batch_size ...) goes to process j % world. Every batch then
     # holds the same rows, padded the same way, as with one process, so scores and greedy outputs are
@@ -165,6 +168,7 @@ def main(
         return None
     result = summarise(catalog, preds, protocol, split)
     result.update({"model": info, "adapter": resume_from_checkpoint, "scoring_mode": scoring_mode,
+                   "adapter_merged": bool(resume_from_checkpoint and merge_adapter and not info.get("quantized_4bit")),
                    "seconds": round(elapsed, 1), "processes": world})
     out = Path(output_dir)
     # each file whole or absent; metrics.json (the "done" mark) goes first and comes back last, so a run killed

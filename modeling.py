@@ -14,6 +14,7 @@ Nothing is ever downloaded.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 import hashlib
 import json
 import math
@@ -38,7 +39,8 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 TINY_DEFAULTS = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
                      intermediate_size=688, bpe_vocab_size=2000, item_tokens=True,
                      pretrain_epochs=6, pretrain_lr=2e-3, pretrain_window=24, pretrain_recall=0.4,
-                     pretrain_max_steps=None, pretrain_list_loss="set", copy_head=True, probe_rows=500,
+                     pretrain_max_steps=None, pretrain_list_loss="set",
+                     pretrain_list_history=None, copy_head=True, probe_rows=500,
                      seed=0)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUILDER_VERSION = 4  # bump when build_tiny changes what it produces
@@ -181,22 +183,39 @@ def user_sequences(catalog: di.ItemCatalog, split="train") -> list[list[int]]:
     return seqs
 
 
-def list_prompt(catalog, rng: random.Random, history=(3, 10)) -> tuple[str, list[int], list[int]]:
+def list_prompt(catalog, rng: random.Random, history=(3, 10), seqs=None) -> tuple[str, list[int], list[int]]:
     """A content-free prompt in the project's format: random titles as the candidates and as the history
-    (disjoint), a random template. Returns (prompt, candidate ids, history ids). No user, no popularity."""
-    items = rng.sample(range(catalog.n_items), di.NUM_CANDIDATES + rng.randint(*history))
-    cands, hist = items[:di.NUM_CANDIDATES], items[di.NUM_CANDIDATES:]
+    (disjoint), a random template. Returns (prompt, candidate ids, history ids). No user, no popularity.
+    With `seqs` (train users' sequences) the history is instead a random stretch of a random train user's
+    sequence (the candidates stay random titles, none of them in that stretch)."""
+    n = rng.randint(*history)
+    if seqs is None:
+        items = rng.sample(range(catalog.n_items), di.NUM_CANDIDATES + n)
+        cands, hist = items[:di.NUM_CANDIDATES], items[di.NUM_CANDIDATES:]
+    else:
+        s = rng.choice([s for s in seqs if len(s) >= n] or seqs)
+        a = rng.randrange(len(s) - min(n, len(s)) + 1)
+        hist = s[a:a + n]
+        cands = [i for i in rng.sample(range(catalog.n_items), di.NUM_CANDIDATES + len(hist)) if i not in hist]
+        cands = cands[:di.NUM_CANDIDATES]
     return di.build_prompt(catalog, hist, cands, rng.randrange(len(di.TEMPLATES))), cands, hist
 
 
-def pretraining_docs(catalog, epochs, window, recall, seed) -> list[list[tuple]]:
-    """The documents of each pretraining epoch (deterministic), as (text, answer, candidate ids):
+WINDOW_NEXT = ', "'  # what follows a window's last title when it goes on: `"A", "B"` + `, "` + next title
+
+
+def pretraining_docs(catalog, epochs, window, recall, seed, list_history=None) -> list[list[tuple]]:
+    """The documents of each pretraining epoch (deterministic), as (text, answer, candidate ids, history ids,
+    history window):
     * listening windows (answer None: loss on every token): each train user's sequence cut into windows of
       `window` items (the cut shifts every epoch), written the way prompts write histories ("A", "B", ...);
     * list prompts (a `recall` fraction on top; loss on the answer + EOS only, see pretrain_loss):
       list_prompt's content-free prompt in the project's templates, answered with a uniform pick among its
       candidates — the generic skill of answering from the given list, which real LLMs bring from web text.
-      Items and pick are uniform at random, so it carries no information about any user or item popularity."""
+      Items and pick are uniform at random, so it carries no information about any user or item popularity.
+      With list_history "train" the list prompts' histories are instead stretches of train users' sequences
+      (list_prompt's `seqs`; the candidates stay random). The history window (the history written as a
+      listening window to be continued) is the "distill" teacher's input."""
     rng = random.Random(seed)
     seqs = user_sequences(catalog, "train")
     out = []
@@ -207,10 +226,11 @@ def pretraining_docs(catalog, epochs, window, recall, seed) -> list[list[tuple]]
             starts = [0] + list(range(shift or window, len(s), window))
             for a, b in zip(starts, starts[1:] + [len(s)]):
                 if b - a >= 2:
-                    docs.append((di.quote_titles(catalog, s[a:b]), None, None))
+                    docs.append((di.quote_titles(catalog, s[a:b]), None, None, None, None))
         for _ in range(int(recall * len(docs))):
-            prompt, cands, _ = list_prompt(catalog, rng)
-            docs.append((prompt, di.answer_text(catalog, rng.choice(cands)), cands))
+            prompt, cands, hist = list_prompt(catalog, rng, seqs=seqs if list_history == "train" else None)
+            docs.append((prompt, di.answer_text(catalog, rng.choice(cands)), cands, hist,
+                         di.quote_titles(catalog, hist) + WINDOW_NEXT))
         rng.shuffle(docs)
         out.append(docs)
     return out
@@ -222,14 +242,50 @@ def answer_first_tokens(tokenizer, catalog) -> list[int]:
     return [a[0] for a in answers]
 
 
-def encode_doc(tokenizer, first_tokens, text, answer, cands) -> tuple[list[int], list[int], list[int] | None]:
-    """(ids, labels, the candidates' first answer tokens) of one pretraining document: every token and EOS
-    of a window (no candidates); the answer and EOS of a list prompt (its prompt tokens are -100)."""
+def window_first_tokens(tokenizer, catalog) -> list[int]:
+    """Each item's first token as it continues a listening window (`"A"` + WINDOW_NEXT + title)."""
+    base = tokenizer('"x"' + WINDOW_NEXT, add_special_tokens=False)["input_ids"]
+    out = []
+    for i in range(catalog.n_items):
+        ids = tokenizer('"x"' + WINDOW_NEXT + catalog.names[i], add_special_tokens=False)["input_ids"]
+        out.append(ids[len(base)] if ids[:len(base)] == base and len(ids) > len(base) else ids[-1])
+    return out
+
+
+@dataclass
+class ListDoc:
+    """What a list prompt's loss needs beyond its tokens (pretrain_loss): the candidates' first answer
+    tokens, and for "distill" the prompt's history written as a window to be continued (token ids), the
+    candidates' first tokens in that position, and the item ids the prompt names (candidates and history)."""
+    cand_first: list[int]
+    window_ids: list[int]
+    window_first: list[int]
+    cands: list[int] = ()
+    named: list[int] = ()
+
+
+@dataclass
+class Teacher:
+    """The "distill" targets of a batch's list prompts (window_items): logp (n, N_items), the model's
+    log-probs of each item's first token as the next title after the prompt's history written as a window;
+    cands (n, 20) the candidates' item ids; named (n, N_items) bool, the items the prompt names;
+    answer_first (N_items,) each item's first answer token."""
+    logp: torch.Tensor
+    cands: torch.Tensor
+    named: torch.Tensor
+    answer_first: torch.Tensor
+
+
+def encode_doc(tokenizer, first_tokens, win_first, text, answer, cands, hist, hist_window):
+    """(ids, labels, ListDoc or None) of one pretraining document: every token and EOS of a window; the
+    answer and EOS of a list prompt (its prompt tokens are -100)."""
     if answer is None:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         return ids, ids, None
     prompt, (ans,) = encode_prompt_answers(tokenizer, text, [answer])
-    return prompt + ans, [-100] * len(prompt) + ans, [first_tokens[c] for c in cands]
+    window = tokenizer(hist_window, add_special_tokens=False)["input_ids"]
+    return prompt + ans, [-100] * len(prompt) + ans, ListDoc([first_tokens[c] for c in cands], window,
+                                                             [win_first[c] for c in cands], cands, cands + hist)
 
 
 def length_batches(encoded, batch_size, rng, pool=64):
@@ -243,24 +299,50 @@ def length_batches(encoded, batch_size, rng, pool=64):
     return batches
 
 
-def pretrain_loss(logits, labels, cand_first, list_loss="set") -> torch.Tensor:
+def _kl(t, s, keep):
+    """KL(t ‖ s) per row of two log-prob tensors, each renormalised over the `keep` entries only."""
+    t = t.masked_fill(~keep, float("-inf")).log_softmax(-1)
+    s = s.masked_fill(~keep, float("-inf")).log_softmax(-1)
+    return (t.exp() * (t - s)).masked_fill(~keep, 0.0).sum(-1)
+
+
+def distill_kl(logp, teacher: Teacher) -> torch.Tensor:
+    """The "distill" term per list prompt, from the answer position's log-probs `logp` (n, V): KL(teacher ‖
+    answer) over the 20 candidates + KL(teacher ‖ answer) over every item the prompt does not name (those get
+    no copy-head lift, so this term is the language model's own next-title distribution, ~4,580 items' worth of
+    signal per prompt where the candidates give 20)."""
+    answer = logp.gather(-1, teacher.answer_first.expand(len(logp), -1))  # (n, N_items)
+    t_c, s_c = teacher.logp.gather(-1, teacher.cands), answer.gather(-1, teacher.cands)
+    return _kl(t_c, s_c, torch.ones_like(t_c, dtype=torch.bool)) + _kl(teacher.logp, answer, ~teacher.named)
+
+
+def pretrain_loss(logits, labels, cand_first, list_loss="set", teacher=None) -> torch.Tensor:
     """Next-token cross-entropy with the two kinds of document weighted alike: the mean over the windows'
     tokens + the mean over the list prompts' answer tokens (one title + EOS each, ~1% of the tokens: counted
     per token they would barely register). cand_first: (B, 20) the candidates' first answer tokens, -1 on
-    window rows. list_loss "set": the answer's first token is scored by -log P(first token ∈ candidates'
-    first tokens) — answer from the list, which one is left to the model's prior (a uniform pick carries no
-    preference to learn); "pick": by the cross-entropy of the uniform pick itself, which also teaches the
-    model to be indifferent between the candidates."""
+    window rows. The answer's first token is scored by
+    * "set" (default): -log P(first token ∈ candidates' first tokens) — answer from the list, which one is
+      left to the model's prior (a uniform pick carries no preference to learn);
+    * "distill": the set term + distill_kl against `teacher` (a Teacher: the model's own
+      continuation of the prompt's history written as a listening window, computed without gradient, see
+      window_items). The answer position learns to rank the list the way the model's sequence knowledge does,
+      as a real LLM's does;
+    * "pick": the cross-entropy of the uniform pick itself, which also teaches the model to be indifferent
+      between the candidates."""
     ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                            reduction="none").view(labels.shape[0], -1)
     valid = labels[:, 1:] != -100
     is_list = cand_first[:, 0] >= 0
-    if list_loss == "set" and is_list.any():
+    if list_loss in ("set", "distill") and is_list.any():
         rows = is_list.nonzero()[:, 0]
         first = valid[rows].float().argmax(1)  # position predicting the answer's first token
         logp = logits[rows, first].float().log_softmax(-1)
+        on = logp.gather(-1, cand_first[rows])
         ce = ce.clone()
-        ce[rows, first] = -torch.logsumexp(logp.gather(-1, cand_first[rows]), -1)
+        extra = -torch.logsumexp(on, -1)
+        if list_loss == "distill":
+            extra = extra + distill_kl(logp, teacher)
+        ce[rows, first] = extra
     loss = logits.new_zeros(())
     for kind in (is_list, ~is_list):
         n = (valid & kind[:, None]).sum()
@@ -269,16 +351,56 @@ def pretrain_loss(logits, labels, cand_first, list_loss="set") -> torch.Tensor:
     return loss
 
 
-def _pretrain(model, tokenizer, catalog, epochs, lr, window, recall, seed, max_steps=None, list_loss="set", log=print):
+def choice_logps(model, seqs: list[list[int]], choices, pad_token_id, renormalise=True) -> torch.Tensor:
+    """(n, k) log-probs of the next token after each sequence at that row's k choice tokens (`choices`: (n, k)
+    token ids), renormalised over them (one no-gradient forward, right padding, read at each row's last real
+    position)."""
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad_token_id)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for j, q in enumerate(seqs):
+        ids[j, :len(q)] = torch.tensor(q)
+        mask[j, :len(q)] = 1
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+    logp = logits[torch.arange(len(seqs)), mask.sum(1).to(device) - 1].float().log_softmax(-1)
+    logp = logp.gather(-1, torch.as_tensor(choices, device=device))
+    return logp.log_softmax(-1) if renormalise else logp
+
+
+def window_teacher(model, lists: list[ListDoc], pad_token_id) -> torch.Tensor:
+    """(n, 20) log-probs over each list prompt's candidates (renormalised) of the model's next title after the
+    prompt's history written as a window: the candidate part of the "distill" teacher (window_items has every
+    item), and what list_recall's probe compares the answer's top candidate with."""
+    return choice_logps(model, [d.window_ids for d in lists], [d.window_first for d in lists], pad_token_id)
+
+
+def window_items(model, lists: list[ListDoc], window_first, answer_first, pad_token_id) -> Teacher:
+    """The "distill" targets of a batch's list prompts (Teacher): one no-gradient forward of their history
+    windows, read at every item's first window token (window_first / answer_first: N_items token ids)."""
+    n = len(lists)
+    logp = choice_logps(model, [d.window_ids for d in lists], torch.tensor(window_first).expand(n, -1),
+                        pad_token_id, renormalise=False)
+    named = torch.zeros((n, len(window_first)), dtype=torch.bool)
+    for j, d in enumerate(lists):
+        named[j, list(d.named)] = True
+    return Teacher(logp, torch.tensor([list(d.cands) for d in lists]), named, torch.tensor(answer_first))
+
+
+def _pretrain(model, tokenizer, catalog, opts: dict, log=print):
     """Domain pretraining of the embedded default (next-token LM loss, EOS after each document; see
     pretraining_docs). Stands in for what a real LLM knows about music and lists. Train users only;
-    val/test users are disjoint, so nothing of the evaluation data is seen."""
+    val/test users are disjoint, so nothing of the evaluation data is seen. opts: TINY_DEFAULTS' pretrain_*."""
+    lr, max_steps, list_loss = opts["pretrain_lr"], opts["pretrain_max_steps"], opts["pretrain_list_loss"]
     batch_size = 32
     t0 = time.time()
-    rng = random.Random(seed + 1)
+    rng = random.Random(opts["seed"] + 1)
     first_tokens = answer_first_tokens(tokenizer, catalog)
-    batches = [b for docs in pretraining_docs(catalog, epochs, window, recall, seed)
-               for b in length_batches([encode_doc(tokenizer, first_tokens, *d) for d in docs], batch_size, rng)]
+    win_first = window_first_tokens(tokenizer, catalog)
+    batches = [b for docs in pretraining_docs(catalog, opts["pretrain_epochs"], opts["pretrain_window"],
+                                              opts["pretrain_recall"], opts["seed"], opts["pretrain_list_history"])
+               for b in length_batches([encode_doc(tokenizer, first_tokens, win_first, *d) for d in docs], batch_size, rng)]
     seconds_tokenise = time.time() - t0
     total = min(len(batches), max_steps or len(batches))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
@@ -294,7 +416,8 @@ def _pretrain(model, tokenizer, catalog, epochs, lr, window, recall, seed, max_s
         ids = torch.full((len(batch), width), tokenizer.pad_token_id)
         labels = torch.full((len(batch), width), -100)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
-        cand_first = torch.tensor([c if c is not None else [-1] * di.NUM_CANDIDATES for _, _, c in batch])
+        cand_first = torch.tensor([d.cand_first if d else [-1] * di.NUM_CANDIDATES for _, _, d in batch])
+        lists = [d for _, _, d in batch if d]
         for j, (e, lab, _) in enumerate(batch):
             ids[j, :len(e)] = torch.tensor(e)
             labels[j, :len(e)] = torch.tensor(lab)
@@ -303,7 +426,9 @@ def _pretrain(model, tokenizer, catalog, epochs, lr, window, recall, seed, max_s
         prof["seconds_tokenise_pad"] += tb - ta
         prof["tokens"] += int(mask.sum())
         prof["padded_positions"] += mask.numel()
-        loss = pretrain_loss(model(input_ids=ids, attention_mask=mask).logits, labels, cand_first, list_loss)
+        teacher = (window_items(model, lists, win_first, first_tokens, tokenizer.pad_token_id)
+                   if list_loss == "distill" and lists else None)
+        loss = pretrain_loss(model(input_ids=ids, attention_mask=mask).logits, labels, cand_first, list_loss, teacher)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -344,22 +469,23 @@ def new_tiny_llama(tokenizer, opts: dict):
 def build_tiny(dataset="lastfm", output_dir=None, **overrides) -> Path:
     """Build the embedded default model for a dataset into `output_dir` (deterministic, offline)."""
     opts = {**TINY_DEFAULTS, **overrides}
-    if opts["pretrain_list_loss"] not in ("set", "pick"):
-        raise ModelError(f"pretrain_list_loss {opts['pretrain_list_loss']!r}: choose set or pick")
+    if opts["pretrain_list_loss"] not in ("distill", "set", "pick"):
+        raise ModelError(f"pretrain_list_loss {opts['pretrain_list_loss']!r}: choose distill, set or pick")
+    if opts["pretrain_list_history"] not in (None, "train"):
+        raise ModelError(f"pretrain_list_history {opts['pretrain_list_history']!r}: None (random titles) or train")
     catalog = di.load_catalog(dataset)
     torch.manual_seed(opts["seed"])
     tokenizer = build_tiny_tokenizer(catalog, opts["bpe_vocab_size"], opts["item_tokens"])
     model = new_tiny_llama(tokenizer, opts)
     profile = None
     if opts["pretrain_epochs"] > 0:
-        profile = _pretrain(model, tokenizer, catalog, opts["pretrain_epochs"], opts["pretrain_lr"],
-                            opts["pretrain_window"], opts["pretrain_recall"], opts["seed"], opts["pretrain_max_steps"],
-                            opts["pretrain_list_loss"])
+        profile = _pretrain(model, tokenizer, catalog, opts)
     import list_recall
 
     probe = list_recall.list_recall_probe(model, tokenizer, catalog, rows=opts["probe_rows"])
     print(f"[tiny] list recall: P(answer in list) {probe['p_answer_in_list']:.3f} on {probe['rows']} content-free "
-          f"prompts (P(answer in history) {probe['p_answer_in_history']:.3f}; chance {di.NUM_CANDIDATES / catalog.n_items:.3f})",
+          f"prompts (P(answer in history) {probe['p_answer_in_history']:.3f}; chance {di.NUM_CANDIDATES / catalog.n_items:.3f}); "
+          f"its top candidate is its window continuation's top in {probe['top1_agrees_with_window']:.0%} (chance 5%)",
           flush=True)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)

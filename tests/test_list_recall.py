@@ -56,7 +56,8 @@ def test_probe_measures_mass_on_the_list(small_model):
 
 
 def test_list_prompts_are_content_free_and_in_the_project_templates():
-    """The build's list prompts: 20 distinct candidates and a disjoint history, in one of the SFT templates."""
+    """list_prompt: 20 distinct random candidates and a disjoint history (random titles, or with `seqs` a
+    stretch of a train user's sequence), in one of the SFT templates."""
     catalog = di.load_catalog("lastfm")
     rng = random.Random(3)
     for _ in range(50):
@@ -64,11 +65,19 @@ def test_list_prompts_are_content_free_and_in_the_project_templates():
         assert len(set(cands)) == di.NUM_CANDIDATES and 3 <= len(hist) <= 10 and not set(cands) & set(hist)
         assert prompt in {t.format(candidates=di.quote_titles(catalog, cands), history=di.quote_titles(catalog, hist))
                           for t in di.TEMPLATES}
+    # the build's variant: the history is a stretch of a train user's sequence, the candidates stay random
+    seqs = modeling.user_sequences(catalog, "train")
+    stretches = {tuple(s[a:a + n]) for s in seqs for n in range(3, 11) for a in range(len(s) - n + 1)}
+    for _ in range(50):
+        prompt, cands, hist = modeling.list_prompt(catalog, rng, seqs=seqs)
+        assert len(set(cands)) == di.NUM_CANDIDATES and 3 <= len(hist) <= 10 and not set(cands) & set(hist)
+        assert tuple(hist) in stretches
 
 
 def test_pretrain_loss_weights_the_two_kinds_alike_and_scores_the_set():
     """modeling.pretrain_loss on hand-made logits: mean CE over the window's tokens + mean over the list
-    answer's tokens, the answer's first token scored by -log P(in candidates) ("set") or its own CE ("pick")."""
+    answer's tokens, the answer's first token scored by -log P(in candidates) ("set"), that + KL(teacher ‖
+    answer over the candidates) ("distill") or its own CE ("pick")."""
     import torch
 
     torch.manual_seed(0)
@@ -86,6 +95,59 @@ def test_pretrain_loss_weights_the_two_kinds_alike_and_scores_the_set():
     assert torch.allclose(got, win + (set_term + eos) / 2, atol=1e-5)
     got = modeling.pretrain_loss(logits, labels, cands, "pick")
     assert torch.allclose(got, win + (-logp[1, 2, 7] + eos) / 2, atol=1e-5)
+    # "distill": + KL over the candidates + KL over the items the prompt does not name, by hand. Items 0..24
+    # with first answer tokens 5..29 (item i -> token i + 5): candidates are items 2..21 (tokens 7, 10..28 as
+    # above: item 2 -> 7, items 5..23 -> 10..28), the history names item 0.
+    item_first = torch.arange(25) + 5
+    cand_items = torch.tensor([[2] + list(range(5, 24))])
+    assert torch.equal(item_first[cand_items[0]], cands[1])
+    named = torch.zeros(1, 25, dtype=torch.bool)
+    named[0, cand_items[0]] = True
+    named[0, 0] = True
+    t_logp = torch.randn(1, 25).log_softmax(-1)
+    teacher = modeling.Teacher(t_logp, cand_items, named, item_first)
+    a = logp[1, 2, item_first]  # the answer's log-probs of the 25 items
+
+    def kl(t, s):
+        t, s = t.log_softmax(-1), s.log_softmax(-1)
+        return (t.exp() * (t - s)).sum()
+
+    off = [i for i in range(25) if not named[0, i]]
+    by_hand = kl(t_logp[0, cand_items[0]], a[cand_items[0]]) + kl(t_logp[0, off], a[off])
+    got = modeling.pretrain_loss(logits, labels, cands, "distill", teacher)
+    assert torch.allclose(got, win + (set_term + by_hand + eos) / 2, atol=1e-5)
+    # a teacher that is the answer's own distribution adds nothing
+    same = modeling.Teacher(a[None].clone(), cand_items, named, item_first)
+    assert torch.allclose(modeling.pretrain_loss(logits, labels, cands, "distill", same), win + (set_term + eos) / 2,
+                          atol=1e-5)
+
+
+def test_window_teacher_reads_the_continuation_of_each_history(small_model):
+    """modeling.window_teacher == one forward per history window, renormalised over its candidates; and
+    window_items (the build's "distill" targets) the same forward read at every item, with what the prompt names."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(small_model).eval()
+    tok = AutoTokenizer.from_pretrained(small_model)
+    catalog = di.load_catalog("lastfm")
+    win_first = modeling.window_first_tokens(tok, catalog)
+    first = modeling.answer_first_tokens(tok, catalog)
+    rng = random.Random(1)
+    docs = []
+    for _ in range(3):
+        prompt, cands, hist = modeling.list_prompt(catalog, rng)
+        docs.append(modeling.encode_doc(tok, first, win_first, prompt, di.answer_text(catalog, cands[0]), cands, hist,
+                                        di.quote_titles(catalog, hist) + modeling.WINDOW_NEXT)[2])
+    assert len({len(d.window_ids) for d in docs}) > 1  # padding is exercised
+    got = modeling.window_teacher(model, docs, tok.pad_token_id)
+    items = modeling.window_items(model, docs, win_first, first, tok.pad_token_id)
+    for j, (row, d) in enumerate(zip(got, docs)):
+        with torch.no_grad():
+            logp = model(torch.tensor([d.window_ids])).logits[0, -1].log_softmax(-1)
+        assert torch.allclose(row, logp[d.window_first].log_softmax(-1), atol=1e-5)
+        assert torch.allclose(items.logp[j], logp[win_first], atol=1e-5)  # every item, not renormalised
+        assert items.cands[j].tolist() == d.cands and set(items.named[j].nonzero()[:, 0].tolist()) == set(d.named)
 
 
 def test_length_batches_keep_every_document_once_and_cut_padding():
@@ -95,3 +157,27 @@ def test_length_batches_keep_every_document_once_and_cut_padding():
     padded = sum(len(b) * max(len(d[0]) for d in b) for b in batches)
     plain = sum(len(docs[i:i + 32]) * max(len(d[0]) for d in docs[i:i + 32]) for i in range(0, 1000, 32))
     assert padded < 0.7 * plain
+
+
+def test_window_ranking_is_two_argmaxes_by_hand(small_model):
+    """list_recall.window_ranking: per row, argmax over the candidates' first tokens of the continuation of
+    the history as a window, and of the answer after the prompt — recomputed with one forward per row."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(small_model).eval()
+    tok = AutoTokenizer.from_pretrained(small_model)
+    catalog = di.load_catalog("lastfm")
+    rows = di.eval_rows(catalog, "test", "clean", max_samples=12)
+    got = list_recall.window_ranking(model, tok, catalog, rows, batch_size=5)
+    win_first, ans_first = modeling.window_first_tokens(tok, catalog), modeling.answer_first_tokens(tok, catalog)
+    hits = [0, 0]
+    for r in rows:
+        seqs = (tok(di.quote_titles(catalog, r["history_ids"]) + ', "', add_special_tokens=False)["input_ids"],
+                tok(r["prompt"])["input_ids"])
+        for k, (seq, first) in enumerate(zip(seqs, (win_first, ans_first))):
+            with torch.no_grad():
+                logits = model(torch.tensor([seq])).logits[0, -1]
+            pick = r["candidate_ids"][int(logits[[first[c] for c in r["candidate_ids"]]].argmax())]
+            hits[k] += pick == r["target_id"]
+    assert got == {"rows": 12, "window_hr1": hits[0] / 12, "answer_hr1": hits[1] / 12}
