@@ -244,12 +244,8 @@ def answer_first_tokens(tokenizer, catalog) -> list[int]:
 
 def window_first_tokens(tokenizer, catalog) -> list[int]:
     """Each item's first token as it continues a listening window (`"A"` + WINDOW_NEXT + title)."""
-    base = tokenizer('"x"' + WINDOW_NEXT, add_special_tokens=False)["input_ids"]
-    out = []
-    for i in range(catalog.n_items):
-        ids = tokenizer('"x"' + WINDOW_NEXT + catalog.names[i], add_special_tokens=False)["input_ids"]
-        out.append(ids[len(base)] if ids[:len(base)] == base and len(ids) > len(base) else ids[-1])
-    return out
+    _, titles = encode_prompt_answers(tokenizer, '"x"' + WINDOW_NEXT, catalog.names)
+    return [t[0] for t in titles]
 
 
 @dataclass
