@@ -157,6 +157,10 @@ def test_length_batches_keep_every_document_once_and_cut_padding():
     padded = sum(len(b) * max(len(d[0]) for d in b) for b in batches)
     plain = sum(len(docs[i:i + 32]) * max(len(d[0]) for d in docs[i:i + 32]) for i in range(0, 1000, 32))
     assert padded < 0.7 * plain
+    # pool 1 (the build's default): the batches are the consecutive chunks of the shuffled documents, reordered
+    mixed = modeling.length_batches(docs, 32, random.Random(0), pool=1)
+    assert sorted(tuple(d[1] for d in b) for b in mixed) == sorted(tuple(range(i, min(i + 32, 1000)))
+                                                                   for i in range(0, 1000, 32))
 
 
 def test_window_ranking_is_two_argmaxes_by_hand(small_model):
