@@ -3,7 +3,9 @@ S-DPO/NAPO with naive scoring and NAPO with prefix-shared scoring, plus ranking 
 
     OMP_NUM_THREADS=1 python benchmark.py --quick --threads 1   # K in {1, 3, 15}: ~2-3 minutes on this 2-core CPU
     OMP_NUM_THREADS=1 python benchmark.py --threads 1           # full, K in {1, 3, 7, 15, 19}: ~6-7 minutes
-Writes results/benchmark.json (--json) and results/benchmark.md (--markdown); prints the table.
+    python benchmark.py build                                   # the embedded model's build steps, padded vs packed
+Writes results/benchmark.json (--json) and results/benchmark.md (--markdown); prints the table (`build`:
+results/benchmark_build.json and one line; see build()).
 
 What is measured (every method on the same rows, the same per-device batch size B, default 4):
   training   real optimizer steps through the real trainers, each built by its stage's build_trainer (the
@@ -557,9 +559,81 @@ def main(
     return res
 
 
+@cli.validated
+def build(dataset: str = "lastfm", steps: int = 12, warmup: int = 2, threads: int = None,
+          json: str = "results/benchmark_build.json"):
+    """The embedded model's build steps side by side: one padded row per document with every position's
+    logits (pretrain_pack=False, the build before packing) vs documents packed into rows with the logits of
+    the scored positions only (pretrain_pack=True, the default). The default build's own first batches, two
+    copies of the same freshly initialised model, each with its own AdamW; the two modes alternate step by
+    step (which goes first alternates too), so machine load hits both alike. A step is the build's step:
+    inputs, forward, backward, clipping, AdamW. Prints s/step (median of the timed steps), the ratio, the
+    padding share of each, the full build's step count, and |Δ loss| at the first step (same weights, so
+    the same loss up to float rounding)."""
+    import copy
+
+    import torch
+
+    import data_interface as di
+    import modeling
+
+    if threads:
+        torch.set_num_threads(int(threads))
+    # --steps, --warmup and --threads are checked by cli.validated (cli.RULES) before this body runs
+    catalog = di.load_catalog(dataset)
+    opts = dict(modeling.TINY_DEFAULTS)
+    tokenizer = modeling.build_tiny_tokenizer(catalog, opts["bpe_vocab_size"], opts["item_tokens"])
+    batches = modeling.pretrain_batches(tokenizer, catalog, opts)
+    if len(batches) < warmup + steps:
+        raise BenchmarkError(f"--steps {steps} + --warmup {warmup}: the build has only {len(batches)} steps")
+    torch.manual_seed(opts["seed"])
+    models = {"padded": modeling.new_tiny_llama(tokenizer, opts)}
+    models["packed"] = copy.deepcopy(models["padded"])
+    opt = {k: torch.optim.AdamW(m.parameters(), lr=opts["pretrain_lr"], weight_decay=0.01) for k, m in models.items()}
+    times = {k: [] for k in models}
+    tokens = {k: [0, 0] for k in models}
+    first_loss = {}
+    for i, batch in enumerate(batches[:warmup + steps]):
+        order = ["padded", "packed"] if i % 2 == 0 else ["packed", "padded"]
+        for k in order:
+            m = models[k].train()
+            t0 = time.perf_counter()
+            inputs = modeling.batch_inputs(m, batch, tokenizer.pad_token_id, pack=k == "packed")
+            loss = modeling.batch_loss(m, inputs, opts["pretrain_list_loss"])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+            opt[k].step()
+            opt[k].zero_grad(set_to_none=True)
+            dt = time.perf_counter() - t0
+            if i == 0:
+                first_loss[k] = loss.item()
+            if i >= warmup:
+                times[k].append(dt)
+                tokens[k][0] += inputs["tokens"]
+                tokens[k][1] += inputs["positions"]
+    med = {k: statistics.median(v) for k, v in times.items()}
+    res = {"command": "python benchmark.py build " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["build"]
+           else "benchmark.build(...)", "machine": machine_info(torch.get_num_threads()),
+           "steps_timed": steps, "warmup": warmup, "build_steps": len(batches),
+           "s_per_step": {k: round(v, 4) for k, v in med.items()},
+           "padding_share": {k: round(1 - t / p, 3) for k, (t, p) in tokens.items()},
+           "packed_over_padded": round(med["packed"] / med["padded"], 3),
+           "first_step_abs_loss_diff": abs(first_loss["packed"] - first_loss["padded"]),
+           "build_steps_s_estimate": {k: round(v * len(batches)) for k, v in med.items()}}
+    print(f"build steps on {res['machine']['cpu']} ({torch.get_num_threads()} threads), median of {steps}: "
+          f"padded {med['padded']:.3f} s/step ({res['padding_share']['padded']:.0%} padding), packed "
+          f"{med['packed']:.3f} s/step ({res['padding_share']['packed']:.0%} padding): packed/padded "
+          f"{res['packed_over_padded']:.2f}; the build's {len(batches)} steps ~{res['build_steps_s_estimate']['padded']} s "
+          f"vs ~{res['build_steps_s_estimate']['packed']} s; first-step |Δ loss| {res['first_step_abs_loss_diff']:.1e}")
+    if json:
+        Path(json).parent.mkdir(parents=True, exist_ok=True)
+        Path(json).write_text(jsonlib.dumps(res, indent=2))
+    return res
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO_DIR))
     if len(sys.argv) == 4 and sys.argv[1] == "_worker":
         worker(sys.argv[2], sys.argv[3])
     else:
-        cli.run(main)
+        cli.run({"training": main, "build": build}, default="training")

@@ -32,6 +32,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 import torch  # noqa: E402
 
 import data_interface as di  # noqa: E402
+import scoring  # noqa: E402
 from cli import NapoError  # noqa: E402
 
 REPO_DIR = Path(__file__).resolve().parent
@@ -40,10 +41,11 @@ TINY_DEFAULTS = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4
                      intermediate_size=688, bpe_vocab_size=2000, item_tokens=True,
                      pretrain_epochs=6, pretrain_lr=2e-3, pretrain_window=24, pretrain_recall=0.4,
                      pretrain_max_steps=None, pretrain_list_loss="set",
-                     pretrain_list_history=None, pretrain_length_pool=1, copy_head=True, probe_rows=500,
+                     pretrain_list_history=None, pretrain_length_pool=1, pretrain_pack=True, copy_head=True,
+                     probe_rows=500,
                      seed=0)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-BUILDER_VERSION = 5  # bump when build_tiny changes what it produces
+BUILDER_VERSION = 6  # bump when build_tiny changes what it produces
 
 
 class ModelError(NapoError):
@@ -183,21 +185,29 @@ def user_sequences(catalog: di.ItemCatalog, split="train") -> list[list[int]]:
     return seqs
 
 
-def list_prompt(catalog, rng: random.Random, history=(3, 10), seqs=None) -> tuple[str, list[int], list[int]]:
+def list_prompt(catalog, rng: random.Random, history=(3, 10), seqs=None, with_next=False
+                ) -> tuple[str, list[int], list[int]]:
     """A content-free prompt in the project's format: random titles as the candidates and as the history
     (disjoint), a random template. Returns (prompt, candidate ids, history ids). No user, no popularity.
     With `seqs` (train users' sequences) the history is instead a random stretch of a random train user's
-    sequence (the candidates stay random titles, none of them in that stretch)."""
+    sequence (the candidates stay random titles, none of them in that stretch); with `with_next` too, one
+    candidate is the item that follows the stretch in that user's sequence, as in an SFT prompt, where one
+    candidate (the target) goes with the history and the others do not."""
     n = rng.randint(*history)
     if seqs is None:
         items = rng.sample(range(catalog.n_items), di.NUM_CANDIDATES + n)
         cands, hist = items[:di.NUM_CANDIDATES], items[di.NUM_CANDIDATES:]
     else:
-        s = rng.choice([s for s in seqs if len(s) >= n] or seqs)
-        a = rng.randrange(len(s) - min(n, len(s)) + 1)
+        need = n + 1 if with_next else n
+        s = rng.choice([s for s in seqs if len(s) >= need] or seqs)
+        n = min(n, len(s) - 1) if with_next else n
+        a = rng.randrange(len(s) - min(need, len(s)) + 1)
         hist = s[a:a + n]
-        cands = [i for i in rng.sample(range(catalog.n_items), di.NUM_CANDIDATES + len(hist)) if i not in hist]
+        nxt = [s[a + n]] if with_next and a + n < len(s) and s[a + n] not in hist else []
+        cands = nxt + [i for i in rng.sample(range(catalog.n_items), di.NUM_CANDIDATES + len(hist) + 1)
+                       if i not in hist and i not in nxt]
         cands = cands[:di.NUM_CANDIDATES]
+        rng.shuffle(cands)
     return di.build_prompt(catalog, hist, cands, rng.randrange(len(di.TEMPLATES))), cands, hist
 
 
@@ -214,7 +224,8 @@ def pretraining_docs(catalog, epochs, window, recall, seed, list_history=None) -
       candidates — the generic skill of answering from the given list, which real LLMs bring from web text.
       Items and pick are uniform at random, so it carries no information about any user or item popularity.
       With list_history "train" the list prompts' histories are instead stretches of train users' sequences
-      (list_prompt's `seqs`; the candidates stay random). The history window (the history written as a
+      (list_prompt's `seqs`; the candidates stay random); "train+next" also makes one candidate the item that
+      follows the stretch (as in an SFT prompt: the answer stays a uniform pick). The history window (the history written as a
       listening window to be continued) is the "distill" teacher's input."""
     rng = random.Random(seed)
     seqs = user_sequences(catalog, "train")
@@ -228,7 +239,8 @@ def pretraining_docs(catalog, epochs, window, recall, seed, list_history=None) -
                 if b - a >= 2:
                     docs.append((di.quote_titles(catalog, s[a:b]), None, None, None, None))
         for _ in range(int(recall * len(docs))):
-            prompt, cands, hist = list_prompt(catalog, rng, seqs=seqs if list_history == "train" else None)
+            prompt, cands, hist = list_prompt(catalog, rng, seqs=seqs if list_history else None,
+                                              with_next=list_history == "train+next")
             docs.append((prompt, di.answer_text(catalog, rng.choice(cands)), cands, hist,
                          di.quote_titles(catalog, hist) + WINDOW_NEXT))
         rng.shuffle(docs)
@@ -318,38 +330,102 @@ def distill_kl(logp, teacher: Teacher) -> torch.Tensor:
 
 
 def pretrain_loss(logits, labels, cand_first, list_loss="set", teacher=None) -> torch.Tensor:
+    """flat_pretrain_loss of a padded batch: logits (B, T, V) and labels (B, T) of B documents, one per row
+    (position t predicts labels[t + 1]; -100 = not scored); cand_first (B, 20) as there."""
+    keep = labels[:, 1:] != -100
+    return flat_pretrain_loss(logits[:, :-1][keep], labels[:, 1:][keep], keep.nonzero()[:, 0], cand_first,
+                              list_loss, teacher)
+
+
+def flat_pretrain_loss(logits, targets, doc, cand_first, list_loss="set", teacher=None) -> torch.Tensor:
     """Next-token cross-entropy with the two kinds of document weighted alike: the mean over the windows'
     tokens + the mean over the list prompts' answer tokens (one title + EOS each, ~1% of the tokens: counted
-    per token they would barely register). cand_first: (B, 20) the candidates' first answer tokens, -1 on
-    window rows. The answer's first token is scored by
+    per token they would barely register). The scored positions only: logits (n, V) of the n positions that
+    predict a label, targets (n,) those labels, doc (n,) which document of the batch each belongs to (a
+    document's positions consecutive and in order, documents in any order). cand_first: (D, 20) the
+    candidates' first answer tokens of each document, -1 on windows. The answer's first token is scored by
     * "set" (default): -log P(first token ∈ candidates' first tokens) — answer from the list, which one is
       left to the model's prior (a uniform pick carries no preference to learn);
-    * "distill": the set term + distill_kl against `teacher` (a Teacher: the model's own
-      continuation of the prompt's history written as a listening window, computed without gradient, see
-      window_items). The answer position learns to rank the list the way the model's sequence knowledge does,
-      as a real LLM's does;
+    * "distill": the set term + distill_kl against `teacher` (a Teacher, one row per list prompt in
+      document order: the model's own continuation of the prompt's history written as a listening window,
+      computed without gradient, see window_items). The answer position learns to rank the list the way the
+      model's sequence knowledge does, as a real LLM's does;
     * "pick": the cross-entropy of the uniform pick itself, which also teaches the model to be indifferent
       between the candidates."""
-    ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                           reduction="none").view(labels.shape[0], -1)
-    valid = labels[:, 1:] != -100
-    is_list = cand_first[:, 0] >= 0
+    ce = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+    is_list = (cand_first[:, 0] >= 0)[doc]
     if list_loss in ("set", "distill") and is_list.any():
-        rows = is_list.nonzero()[:, 0]
-        first = valid[rows].float().argmax(1)  # position predicting the answer's first token
-        logp = logits[rows, first].float().log_softmax(-1)
-        on = logp.gather(-1, cand_first[rows])
-        ce = ce.clone()
-        extra = -torch.logsumexp(on, -1)
+        starts = torch.ones_like(doc, dtype=torch.bool)
+        starts[1:] = doc[1:] != doc[:-1]
+        first = (starts & is_list).nonzero()[:, 0]  # the position predicting each list answer's first token
+        first = first[doc[first].argsort()]  # in document order, as the teacher's rows
+        logp = logits[first].float().log_softmax(-1)
+        extra = -torch.logsumexp(logp.gather(-1, cand_first[doc[first]]), -1)
         if list_loss == "distill":
             extra = extra + distill_kl(logp, teacher)
-        ce[rows, first] = extra
-    loss = logits.new_zeros(())
+        ce = ce.clone()
+        ce[first] = extra
+    loss = logits.new_zeros((), dtype=torch.float32)
     for kind in (is_list, ~is_list):
-        n = (valid & kind[:, None]).sum()
-        if n:
-            loss = loss + (ce * (valid & kind[:, None])).sum() / n
+        if kind.any():
+            loss = loss + ce[kind].mean()
     return loss
+
+
+@dataclass
+class PackedBatch:
+    """A batch of pretraining documents packed several to a row (pack_batch)."""
+    ids: torch.Tensor      # (R, W) token ids, pad_token_id after the last document of a row
+    pos: torch.Tensor      # (R, W) position ids, restarting at 0 for every document
+    allowed: torch.Tensor  # (R, 1, W, W) bool: causal within a document, nothing across documents
+    keep: torch.Tensor     # (R, W) bool: the positions that predict a label
+    targets: torch.Tensor  # (n,) those labels, in row-major order of keep
+    doc: torch.Tensor      # (n,) the batch index of each one's document
+    rows_padded: int       # R * W, for the profile
+
+
+def pack_batch(batch, pad_token_id, width=None) -> PackedBatch:
+    """Pack a batch's documents (ids, labels, ...) into R rows of `width` positions (default: twice the longest
+    document's length; first fit, longest first; deterministic), each document on its own positions 0..len-1 and attending only to itself:
+    every document is computed as in a padded row of its own (RoPE sees the same positions, the copy head
+    the same mask), but the batch has ~8% padding instead of ~44% and keeps its mix of lengths and kinds
+    (`python benchmark.py build`: half the time per step).
+    Only the positions that predict a label are projected to logits (a list prompt's: its answer and EOS)."""
+    width = width or 2 * max(len(e[0]) for e in batch)
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for j in sorted(range(len(batch)), key=lambda j: (-len(batch[j][0]), j)):
+        n = len(batch[j][0])
+        r = next((r for r, free in enumerate(room) if free >= n), None)
+        if r is None:
+            rows.append([])
+            room.append(width)
+            r = len(rows) - 1
+        rows[r].append(j)
+        room[r] -= n
+    R = len(rows)
+    ids = torch.full((R, width), pad_token_id)
+    pos = torch.zeros((R, width), dtype=torch.long)
+    seg = torch.full((R, width), -1)
+    keep = torch.zeros((R, width), dtype=torch.bool)
+    targets, docs = [], []
+    for r, members in enumerate(rows):
+        at = 0
+        for j in members:
+            e, lab = batch[j][0], batch[j][1]
+            n = len(e)
+            ids[r, at:at + n] = torch.tensor(e)
+            pos[r, at:at + n] = torch.arange(n)
+            seg[r, at:at + n] = j
+            for t in range(n - 1):  # position t predicts lab[t + 1]
+                if lab[t + 1] != -100:
+                    keep[r, at + t] = True
+                    targets.append(lab[t + 1])
+                    docs.append(j)
+            at += n
+    ar = torch.arange(width)
+    allowed = (ar[:, None] >= ar[None, :])[None] & (seg[:, :, None] == seg[:, None, :])
+    return PackedBatch(ids, pos, allowed[:, None], keep, torch.tensor(targets), torch.tensor(docs), R * width)
 
 
 def choice_logps(model, seqs: list[list[int]], choices, pad_token_id, renormalise=True) -> torch.Tensor:
@@ -389,20 +465,60 @@ def window_items(model, lists: list[ListDoc], window_first, answer_first, pad_to
     return Teacher(logp, torch.tensor([list(d.cands) for d in lists]), named, torch.tensor(answer_first))
 
 
+PRETRAIN_BATCH = 32  # documents per build step
+
+
+def pretrain_batches(tokenizer, catalog, opts: dict) -> list[list[tuple]]:
+    """Every build step's documents, encoded (encode_doc), in order: pretraining_docs' epochs cut into
+    length_batches of PRETRAIN_BATCH (deterministic for the options)."""
+    rng = random.Random(opts["seed"] + 1)
+    first_tokens = answer_first_tokens(tokenizer, catalog)
+    win_first = window_first_tokens(tokenizer, catalog)
+    return [b for docs in pretraining_docs(catalog, opts["pretrain_epochs"], opts["pretrain_window"],
+                                           opts["pretrain_recall"], opts["seed"], opts["pretrain_list_history"])
+            for b in length_batches([encode_doc(tokenizer, first_tokens, win_first, *d) for d in docs],
+                                    PRETRAIN_BATCH, rng, opts["pretrain_length_pool"])]
+
+
+def batch_inputs(model, batch, pad_token_id, pack: bool) -> dict:
+    """The tensors of one build step (batch_loss' input): packed rows (pack_batch) with their 4-D mask, or
+    (pack False: the build before packing, kept as the benchmark's baseline) one padded row per document."""
+    cand_first = torch.tensor([d.cand_first if d else [-1] * di.NUM_CANDIDATES for _, _, d in batch])
+    out = dict(cand_first=cand_first, lists=[d for _, _, d in batch if d], tokens=sum(len(e[0]) for e in batch))
+    if pack:
+        p = pack_batch(batch, pad_token_id)
+        return dict(out, packed=p, mask=scoring.kernel_mask(model, p.allowed, torch.float32), positions=p.rows_padded)
+    width = max(len(e[0]) for e in batch)
+    ids = torch.full((len(batch), width), pad_token_id)
+    labels = torch.full((len(batch), width), -100)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for j, (e, lab, _) in enumerate(batch):
+        ids[j, :len(e)] = torch.tensor(e)
+        labels[j, :len(e)] = torch.tensor(lab)
+        mask[j, :len(e)] = 1
+    return dict(out, ids=ids, labels=labels, mask=mask, positions=mask.numel())
+
+
+def batch_loss(model, inputs: dict, list_loss="set", teacher=None) -> torch.Tensor:
+    """One build step's loss (with gradient) from batch_inputs: packed, the logits of the scored positions
+    only (flat_pretrain_loss); padded, every position's (pretrain_loss). The same value either way."""
+    if "packed" in inputs:
+        p = inputs["packed"]
+        logits = scoring.kept_logits(model, p.ids, inputs["mask"], p.pos, p.keep)
+        return flat_pretrain_loss(logits, p.targets, p.doc, inputs["cand_first"], list_loss, teacher)
+    logits = model(input_ids=inputs["ids"], attention_mask=inputs["mask"]).logits
+    return pretrain_loss(logits, inputs["labels"], inputs["cand_first"], list_loss, teacher)
+
+
 def _pretrain(model, tokenizer, catalog, opts: dict, log=print):
     """Domain pretraining of the embedded default (next-token LM loss, EOS after each document; see
     pretraining_docs). Stands in for what a real LLM knows about music and lists. Train users only;
     val/test users are disjoint, so nothing of the evaluation data is seen. opts: TINY_DEFAULTS' pretrain_*."""
     lr, max_steps, list_loss = opts["pretrain_lr"], opts["pretrain_max_steps"], opts["pretrain_list_loss"]
-    batch_size = 32
     t0 = time.time()
-    rng = random.Random(opts["seed"] + 1)
+    batches = pretrain_batches(tokenizer, catalog, opts)
     first_tokens = answer_first_tokens(tokenizer, catalog)
     win_first = window_first_tokens(tokenizer, catalog)
-    batches = [b for docs in pretraining_docs(catalog, opts["pretrain_epochs"], opts["pretrain_window"],
-                                              opts["pretrain_recall"], opts["seed"], opts["pretrain_list_history"])
-               for b in length_batches([encode_doc(tokenizer, first_tokens, win_first, *d) for d in docs], batch_size, rng,
-                                        opts["pretrain_length_pool"])]
     seconds_tokenise = time.time() - t0
     total = min(len(batches), max_steps or len(batches))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
@@ -414,23 +530,14 @@ def _pretrain(model, tokenizer, catalog, opts: dict, log=print):
     prof = dict(seconds_tokenise_pad=seconds_tokenise, seconds_steps=0.0, tokens=0, padded_positions=0)
     for step, batch in enumerate(batches[:total], 1):
         ta = time.time()
-        width = max(len(e[0]) for e in batch)
-        ids = torch.full((len(batch), width), tokenizer.pad_token_id)
-        labels = torch.full((len(batch), width), -100)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        cand_first = torch.tensor([d.cand_first if d else [-1] * di.NUM_CANDIDATES for _, _, d in batch])
-        lists = [d for _, _, d in batch if d]
-        for j, (e, lab, _) in enumerate(batch):
-            ids[j, :len(e)] = torch.tensor(e)
-            labels[j, :len(e)] = torch.tensor(lab)
-            mask[j, :len(e)] = 1
+        inputs = batch_inputs(model, batch, tokenizer.pad_token_id, opts["pretrain_pack"])
+        prof["tokens"] += inputs["tokens"]
+        prof["padded_positions"] += inputs["positions"]
         tb = time.time()
         prof["seconds_tokenise_pad"] += tb - ta
-        prof["tokens"] += int(mask.sum())
-        prof["padded_positions"] += mask.numel()
-        teacher = (window_items(model, lists, win_first, first_tokens, tokenizer.pad_token_id)
-                   if list_loss == "distill" and lists else None)
-        loss = pretrain_loss(model(input_ids=ids, attention_mask=mask).logits, labels, cand_first, list_loss, teacher)
+        teacher = (window_items(model, inputs["lists"], win_first, first_tokens, tokenizer.pad_token_id)
+                   if list_loss == "distill" and inputs["lists"] else None)
+        loss = batch_loss(model, inputs, list_loss, teacher)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -442,7 +549,8 @@ def _pretrain(model, tokenizer, catalog, opts: dict, log=print):
     model.eval()
     # where the build's time goes (printed and kept in napo_build.json): steps vs tokenising, and padding
     prof = {**{k: round(v, 1) if isinstance(v, float) else v for k, v in prof.items()}, "steps": total,
-            "threads": torch.get_num_threads(), "padding_share": round(1 - prof["tokens"] / max(1, prof["padded_positions"]), 3)}
+            "threads": torch.get_num_threads(), "packed": opts["pretrain_pack"],
+            "padding_share": round(1 - prof["tokens"] / max(1, prof["padded_positions"]), 3)}
     log(f"[tiny] pretrain: {total} steps in {prof['seconds_steps']:.0f}s of forward/backward/AdamW, "
         f"{prof['seconds_tokenise_pad']:.1f}s tokenising and padding; {prof['padding_share']:.0%} of the "
         f"positions are padding ({torch.get_num_threads()} threads)", flush=True)
@@ -475,8 +583,11 @@ def build_tiny(dataset="lastfm", output_dir=None, **overrides) -> Path:
         raise ModelError(f"pretrain_list_loss {opts['pretrain_list_loss']!r}: choose distill, set or pick")
     if not isinstance(opts["pretrain_length_pool"], int) or opts["pretrain_length_pool"] < 1:
         raise ModelError(f"pretrain_length_pool {opts['pretrain_length_pool']!r}: a whole number >= 1 (1 = no length sorting)")
-    if opts["pretrain_list_history"] not in (None, "train"):
-        raise ModelError(f"pretrain_list_history {opts['pretrain_list_history']!r}: None (random titles) or train")
+    if opts["pretrain_pack"] not in (True, False):
+        raise ModelError(f"pretrain_pack {opts['pretrain_pack']!r}: True (documents packed into rows) or False (one per row)")
+    if opts["pretrain_list_history"] not in (None, "train", "train+next"):
+        raise ModelError(f"pretrain_list_history {opts['pretrain_list_history']!r}: None (random titles), train or "
+                         "train+next")
     catalog = di.load_catalog(dataset)
     torch.manual_seed(opts["seed"])
     tokenizer = build_tiny_tokenizer(catalog, opts["bpe_vocab_size"], opts["item_tokens"])

@@ -64,6 +64,37 @@ def _bool_logits_to_keep() -> bool:
     return hasattr(mu, "slice_logits_to_keep")
 
 
+def kept_logits(model, ids, mask, pos, keep) -> torch.Tensor:
+    """(n, V) logits of the n positions where the bool (R, L) `keep` is True, in row-major order: one forward
+    of the full model with a boolean `logits_to_keep` (older transformers: every position, then the kept ones)."""
+    R, L = ids.shape
+    if _bool_logits_to_keep():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep, use_cache=False).logits
+    else:  # every position's logits, then the kept ones in the same row-major order
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+        logits = logits.reshape(R * L, -1)[keep.reshape(-1)]
+    n_keep = int(keep.sum())
+    if logits.shape[:-1] != (n_keep,):
+        raise RuntimeError(
+            f"scoring.py: model forward ignored the boolean logits_to_keep (logits shape {tuple(logits.shape)}, "
+            f"expected ({n_keep}, vocab)); needs transformers>=5 causal-LM forward"
+        )
+    return logits
+
+
+def kernel_mask(model, allowed: torch.Tensor, dtype) -> torch.Tensor:
+    """A custom (R, 1, L, L) bool `allowed` (True = attend) in the format of the model's attention kernel:
+    as is for sdpa, an additive float mask for eager (see the module docstring); other kernels are refused."""
+    impl = getattr(model.config, "_attn_implementation", None)
+    if impl == "eager":  # eager adds the mask to the scores: additive float in the model dtype
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+    if impl in (None, "sdpa"):  # torch SDPA takes a bool mask, True = attend
+        return allowed
+    raise ScoringInputError(
+        f"scoring.py: a custom 4-D mask needs attn_implementation 'sdpa' or 'eager', got {impl!r}; use shared=False"
+    )
+
+
 def _run(model, ids, pos, mask, src, tgt, owner, n_out):
     """One forward; returns (n_out,) fp32 sums of log p(tgt[t] | position src[t]) grouped by owner[t].
 
@@ -74,18 +105,7 @@ def _run(model, ids, pos, mask, src, tgt, owner, n_out):
     keep = torch.zeros(R * L, dtype=torch.bool, device=ids.device)
     keep[src] = True
     keep = keep.view(R, L)
-    if _bool_logits_to_keep():
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep, use_cache=False)
-        logits = out.logits
-    else:  # every position's logits, then the kept ones in the same row-major order
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
-        logits = logits.reshape(R * L, -1)[keep.view(-1)]
-    n_keep = int(keep.sum())
-    if logits.shape[:-1] != (n_keep,):
-        raise RuntimeError(
-            f"scoring.py: model forward ignored the boolean logits_to_keep (logits shape {tuple(logits.shape)}, "
-            f"expected ({n_keep}, vocab)); needs transformers>=5 causal-LM forward"
-        )
+    logits = kept_logits(model, ids, mask, pos, keep)
     # Kept logits come out in row-major order of `keep`, so a position's row in `logits` is its rank in `keep`.
     rank = keep.view(-1).cumsum(0) - 1
     logp = torch.log_softmax(logits.float(), dim=-1)[rank[src], tgt]
@@ -128,16 +148,7 @@ def _shared_batch(model, prompts, answers, pad_token_id, side, device, dtype, L)
     causal = ar[None, :, None] >= ar[None, None, :]
     sq, sk = seg[:, :, None], seg[:, None, :]
     allowed = (causal & ((sk == sq) | ((sk == 0) & (sq > 0))))[:, None]
-    impl = getattr(model.config, "_attn_implementation", None)
-    if impl == "eager":  # eager adds the mask to the scores: additive float in the model dtype
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
-    elif impl in (None, "sdpa"):  # torch SDPA takes a bool mask, True = attend
-        mask = allowed
-    else:
-        raise ScoringInputError(
-            f"scoring.py: shared=True needs attn_implementation 'sdpa' or 'eager' (custom 4-D mask), got {impl!r}; "
-            "use shared=False"
-        )
+    mask = kernel_mask(model, allowed, dtype)
     return ids, pos, mask, t(flat_src), t(tgt), t(owner), len(prompts) * n
 
 

@@ -80,25 +80,28 @@ class TinyCopyForCausalLM(LlamaForCausalLM):
             return
         super().__setattr__(name, value)
 
-    def fused_outputs(self, logits, labels, shift_labels=None, num_items_in_batch=None):
-        """What TRL's fused LM head returns (trl.trainer.utils.FusedCausalLMOutput), from the full logits:
-        per next-token label its log-probability (with gradient), entropy, log Σ p², mean logit and whether it
-        is the top token; zero where the label is -100; loss = -Σ log p / (num_items_in_batch or their count)."""
+    def fused_outputs(self, logits, labels, num_items_in_batch=None):
+        """What TRL's fused LM head returns (trl.trainer.utils.FusedCausalLMOutput), from the logits of the
+        labelled positions only: `logits` (n, V) at the n entries of `labels` (B, T, next-token labels, already
+        shifted) that are not -100, in row-major order. Per label its log-probability (with gradient), entropy,
+        log Σ p², mean logit and whether it is the top token, each (B, T) and zero where the label is -100;
+        loss = -Σ log p / (num_items_in_batch or their count)."""
         from trl.trainer.utils import FusedCausalLMOutput
 
-        if shift_labels is None:
-            logits, labels = logits[:, :-1], labels[:, 1:]
-        else:
-            labels = shift_labels
         mask = labels != -100
         logp = logits.float().log_softmax(-1)
-        log_probs = logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0].masked_fill(~mask, 0.0)
+
+        def spread(v):  # (n,) values of the labelled positions -> (B, T), zero elsewhere
+            return torch.zeros(labels.shape, dtype=v.dtype, device=v.device).masked_scatter(mask, v)
+
+        target = labels[mask]
+        log_probs = spread(logp.gather(-1, target[:, None])[:, 0])
         with torch.no_grad():
             p = logp.exp()
-            entropy = (-(p * logp).sum(-1)).masked_fill(~mask, 0.0)
-            log_sum_sq = torch.logsumexp(2 * logp, -1).masked_fill(~mask, 0.0)
-            mean_logits = logits.float().mean(-1).masked_fill(~mask, 0.0)
-            is_top1 = (logits.argmax(-1) == labels) & mask
+            entropy = spread(-(p * logp).sum(-1))
+            log_sum_sq = spread(torch.logsumexp(2 * logp, -1))
+            mean_logits = spread(logits.float().mean(-1))
+            is_top1 = spread(logits.argmax(-1) == target)
         loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
         return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, log_sum_sq_probs=log_sum_sq,
                                    mean_logits=mean_logits, is_top1=is_top1, label_mask=mask)
@@ -106,10 +109,15 @@ class TinyCopyForCausalLM(LlamaForCausalLM):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 labels=None, use_cache=None, logits_to_keep=0, fused_lm_head=False, shift_labels=None,
                 num_items_in_batch=None, **kwargs):
-        if fused_lm_head:  # TRL's trainers: per-token log-probs of the labels, through the copy head too
+        if fused_lm_head:  # TRL's trainers: per-token log-probs of the labels, through the copy head too;
+            # logits only where a label is scored (an SFT row's answer: ~3 of ~90 positions), as TRL's own head does
+            shifted = labels[:, 1:] if shift_labels is None else shift_labels
+            keep = shifted != -100
+            if shift_labels is None:
+                keep = torch.nn.functional.pad(keep, (0, 1), value=False)  # the last position predicts nothing
             logits = self(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          inputs_embeds=inputs_embeds, use_cache=False, **kwargs).logits
-            return self.fused_outputs(logits, labels, shift_labels, num_items_in_batch)
+                          inputs_embeds=inputs_embeds, use_cache=False, logits_to_keep=keep, **kwargs).logits
+            return self.fused_outputs(logits, shifted, num_items_in_batch)
         if input_ids is None:
             raise ValueError("napo_tiny: the copy head needs input_ids (inputs_embeds alone do not name tokens)")
         cache = cache if cache is not None else kwargs.pop("past_key_values", None)

@@ -2,6 +2,7 @@
 target-ratio keys, and ranking with the prompt encoded once gives the naive path's ranking. Timings are not asserted."""
 import json
 
+import pytest
 import torch
 
 import benchmark
@@ -57,3 +58,25 @@ def test_worker_subprocess_ranking(small_model):
             "seed": 0, "cutoff_len": 512, "rank_rows": 2, "rank_repeats": 1, "gen_rows": 0, "max_new_tokens": 2}
     res = benchmark.run_task(task, verbose=False, isolate=True)
     assert res["identical_ranking"] is True and res["rows"] == 2 and res["rank_naive_s_per_row"] > 0
+
+
+def test_build_benchmark_times_the_same_step_both_ways(tmp_path):
+    """benchmark.py build: the default build's first batches, padded vs packed, from the same weights — the
+    same first-step loss, less padding packed, and a report with both timings and their ratio."""
+    import json
+
+    res = benchmark.build(steps=1, warmup=0, threads=1, json=str(tmp_path / "b.json"))
+    assert json.loads((tmp_path / "b.json").read_text()) == json.loads(json.dumps(res))
+    assert res["first_step_abs_loss_diff"] < 1e-4
+    assert res["padding_share"]["packed"] < 0.5 * res["padding_share"]["padded"]
+    assert set(res["s_per_step"]) == {"padded", "packed"} and res["packed_over_padded"] > 0
+    assert res["build_steps"] > 700 and res["machine"]["cpu"]
+
+
+def test_build_benchmark_refuses_bad_steps(capsys):
+    import cli
+
+    with pytest.raises(SystemExit):
+        cli.run({"training": benchmark.main, "build": benchmark.build}, ["build", "--steps", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --steps 0: must be >= 1"], err

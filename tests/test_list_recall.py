@@ -72,6 +72,16 @@ def test_list_prompts_are_content_free_and_in_the_project_templates():
         prompt, cands, hist = modeling.list_prompt(catalog, rng, seqs=seqs)
         assert len(set(cands)) == di.NUM_CANDIDATES and 3 <= len(hist) <= 10 and not set(cands) & set(hist)
         assert tuple(hist) in stretches
+    # "train+next": one candidate is the item that follows the stretch in that user's sequence
+    follows = {}
+    for s in seqs:
+        for n in range(1, 11):
+            for a in range(len(s) - n):
+                follows.setdefault(tuple(s[a:a + n]), set()).add(s[a + n])
+    for _ in range(50):
+        prompt, cands, hist = modeling.list_prompt(catalog, rng, seqs=seqs, with_next=True)
+        assert len(set(cands)) == di.NUM_CANDIDATES and 1 <= len(hist) <= 10 and not set(cands) & set(hist)
+        assert follows[tuple(hist)] & set(cands)
 
 
 def test_pretrain_loss_weights_the_two_kinds_alike_and_scores_the_set():
@@ -161,6 +171,76 @@ def test_length_batches_keep_every_document_once_and_cut_padding():
     mixed = modeling.length_batches(docs, 32, random.Random(0), pool=1)
     assert sorted(tuple(d[1] for d in b) for b in mixed) == sorted(tuple(range(i, min(i + 32, 1000)))
                                                                    for i in range(0, 1000, 32))
+
+
+def _build_batch(n_docs=32, seed=0):
+    """The first n_docs of a real build epoch (windows and list prompts), encoded as the build does."""
+    catalog = di.load_catalog("lastfm")
+    tok = modeling.build_tiny_tokenizer(catalog, 2000, True)
+    first, win_first = modeling.answer_first_tokens(tok, catalog), modeling.window_first_tokens(tok, catalog)
+    docs = modeling.pretraining_docs(catalog, 1, 24, 0.4, seed)[0][:n_docs]
+    return tok, first, win_first, [modeling.encode_doc(tok, first, win_first, *d) for d in docs]
+
+
+def test_pack_batch_lays_every_document_once_on_its_own_positions():
+    """pack_batch: each document's tokens appear once, contiguous, at positions 0..len-1, attending causally to
+    itself only; the kept positions are exactly those predicting its labels, with those labels; less padding
+    than one row per document."""
+    import torch
+
+    tok, _, _, batch = _build_batch()
+    assert any(d for _, _, d in batch) and any(d is None for _, _, d in batch)  # both kinds
+    p = modeling.pack_batch(batch, tok.pad_token_id)
+    R, W = p.ids.shape
+    seen, flat = set(), 0
+    for r in range(R):
+        real = int((p.ids[r] != tok.pad_token_id).sum())
+        assert (p.ids[r, real:] == tok.pad_token_id).all() and not p.keep[r, real:].any()  # padding at the end only
+        starts = [t for t in range(real) if p.pos[r, t] == 0] + [real]
+        for a, b in zip(starts, starts[1:]):
+            k = next(k for k, (e, _, _) in enumerate(batch) if k not in seen and e == p.ids[r, a:b].tolist())
+            seen.add(k)
+            e, lab, _ = batch[k]
+            assert p.pos[r, a:b].tolist() == list(range(len(e)))
+            block = p.allowed[r, 0, a:b]
+            assert torch.equal(block[:, a:b], torch.ones(len(e), len(e), dtype=torch.bool).tril())
+            assert block.sum() == len(e) * (len(e) + 1) // 2  # nothing outside the document
+            want = [t for t in range(len(e) - 1) if lab[t + 1] != -100]
+            assert p.keep[r, a:b].nonzero()[:, 0].tolist() == want
+            n = len(want)
+            assert p.targets[flat:flat + n].tolist() == [lab[t + 1] for t in want]
+            assert p.doc[flat:flat + n].tolist() == [k] * n
+            flat += n
+    assert sorted(seen) == list(range(len(batch))) and flat == len(p.targets) == int(p.keep.sum())
+    padded = len(batch) * max(len(e) for e, _, _ in batch)
+    tokens = sum(len(e) for e, _, _ in batch)
+    assert 1 - tokens / p.rows_padded < 0.5 * (1 - tokens / padded)
+
+
+@pytest.mark.parametrize("copy_head", [True, False])
+def test_packed_build_step_equals_the_padded_one(copy_head):
+    """A build step on packed rows (the default) has the loss and the gradients of the same batch padded one
+    document per row, for every list loss: packing changes the cost, not the model."""
+    import torch
+
+    tok, first, win_first, batch = _build_batch()
+    torch.manual_seed(0)
+    model = modeling.new_tiny_llama(tok, dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                              num_key_value_heads=2, intermediate_size=128, copy_head=copy_head))
+    for list_loss in ("set", "pick", "distill"):
+        losses, grads = [], []
+        for pack in (False, True):
+            inputs = modeling.batch_inputs(model, batch, tok.pad_token_id, pack)
+            teacher = (modeling.window_items(model, inputs["lists"], win_first, first, tok.pad_token_id)
+                       if list_loss == "distill" else None)
+            model.zero_grad()
+            loss = modeling.batch_loss(model, inputs, list_loss, teacher)
+            loss.backward()
+            losses.append(loss.item())
+            grads.append([q.grad.clone() for q in model.parameters()])
+        assert abs(losses[0] - losses[1]) < 1e-5 * abs(losses[0]), (list_loss, losses)
+        scale = max(g.abs().max().item() for g in grads[0])
+        assert max((a - b).abs().max().item() for a, b in zip(*grads)) < 1e-5 * scale, list_loss
 
 
 def test_window_ranking_is_two_argmaxes_by_hand(small_model):

@@ -96,24 +96,42 @@ def test_saved_model_loads_as_napo_tiny_and_lora_leaves_the_head_alone(small, tm
 
 def test_trl_fused_lm_head_goes_through_the_copy_head(small):
     """TRL's SFT/DPO trainers patch `model.forward` with a fused LM head that would skip the copy head: the
-    patch is declined and fused_lm_head=True is answered from the full logits (same loss, same log-probs)."""
+    patch is declined and fused_lm_head=True is answered from the logits of the labelled positions only —
+    the same loss, log-probs, entropy and top-1 as the full forward, on a padded batch, with `labels` or
+    pre-shifted `shift_labels`, and the same gradient."""
     from trl.trainer.utils import add_fused_lm_head
 
     model, tok, _, prompts = small
-    ids = torch.tensor([tok(prompts[0][0])["input_ids"]])
-    labels = ids.clone()
-    labels[:, :5] = -100
-    with torch.no_grad():
-        ref = model(input_ids=ids, labels=labels)
+    rows = [tok(p[0])["input_ids"] for p in prompts[:2]]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :width - 8] = -100  # score a few positions near the end of each row (and none of the padding)
+    assert len(rows[0]) != len(rows[1]) and (labels != -100).sum() > 4
+    ref = model(input_ids=ids, attention_mask=mask, labels=labels)
+    ref.loss.backward()
+    ref_grad = model.lm_head.weight.grad.clone()
+    model.zero_grad()
     add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
     assert "forward" not in vars(model)
-    with torch.no_grad():
-        fused = model(input_ids=ids, labels=labels, fused_lm_head=True)
-    assert torch.allclose(fused.loss, ref.loss, atol=1e-5)
     shifted = labels[:, 1:]
-    lp = ref.logits[:, :-1].log_softmax(-1).gather(-1, shifted.clamp(min=0)[..., None])[..., 0]
-    assert torch.allclose(fused.log_probs, lp.masked_fill(shifted == -100, 0.0), atol=1e-5)
-    assert fused.label_mask.sum() == (shifted != -100).sum()
+    logp = ref.logits[:, :-1].detach().log_softmax(-1)
+    lp = logp.gather(-1, shifted.clamp(min=0)[..., None])[..., 0].masked_fill(shifted == -100, 0.0)
+    ent = (-(logp.exp() * logp).sum(-1)).masked_fill(shifted == -100, 0.0)
+    top = (logp.argmax(-1) == shifted) & (shifted != -100)
+    fused = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+    assert torch.allclose(fused.loss, ref.loss, atol=1e-5)
+    assert torch.allclose(fused.log_probs, lp, atol=1e-5) and torch.allclose(fused.entropy, ent, atol=1e-4)
+    assert torch.equal(fused.is_top1, top) and torch.equal(fused.label_mask, shifted != -100)
+    fused.loss.backward()
+    assert torch.allclose(model.lm_head.weight.grad, ref_grad, atol=1e-5)
+    model.zero_grad()
+    # pre-shifted labels (TRL under sequence parallelism): (B, L), scored without shifting
+    pre = torch.nn.functional.pad(shifted, (0, 1), value=-100)
+    with torch.no_grad():
+        again = model(input_ids=ids, attention_mask=mask, shift_labels=pre, fused_lm_head=True)
+    assert torch.allclose(again.log_probs[:, :-1], lp, atol=1e-5) and torch.allclose(again.loss, ref.loss, atol=1e-5)
 
 
 def test_sft_trainer_trains_the_model_that_is_evaluated(small_model, tmp_path):
