@@ -612,7 +612,7 @@ def build(dataset: str = "lastfm", steps: int = 12, warmup: int = 2, threads: in
                 tokens[k][0] += inputs["tokens"]
                 tokens[k][1] += inputs["positions"]
     med = {k: statistics.median(v) for k, v in times.items()}
-    res = {"command": "python benchmark.py build " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["build"]
+    res = {"command": " ".join(["python benchmark.py build"] + sys.argv[2:]) if sys.argv[1:2] == ["build"]
            else "benchmark.build(...)", "machine": machine_info(torch.get_num_threads()),
            "steps_timed": steps, "warmup": warmup, "build_steps": len(batches),
            "s_per_step": {k: round(v, 4) for k, v in med.items()},
