@@ -468,12 +468,13 @@ def window_items(model, lists: list[ListDoc], window_first, answer_first, pad_to
 PRETRAIN_BATCH = 32  # documents per build step
 
 
-def pretrain_batches(tokenizer, catalog, opts: dict) -> list[list[tuple]]:
+def pretrain_batches(tokenizer, catalog, opts: dict, first_tokens=None, win_first=None) -> list[list[tuple]]:
     """Every build step's documents, encoded (encode_doc), in order: pretraining_docs' epochs cut into
-    length_batches of PRETRAIN_BATCH (deterministic for the options)."""
+    length_batches of PRETRAIN_BATCH (deterministic for the options). first_tokens / win_first:
+    answer_first_tokens / window_first_tokens, if the caller has them already."""
     rng = random.Random(opts["seed"] + 1)
-    first_tokens = answer_first_tokens(tokenizer, catalog)
-    win_first = window_first_tokens(tokenizer, catalog)
+    first_tokens = first_tokens or answer_first_tokens(tokenizer, catalog)
+    win_first = win_first or window_first_tokens(tokenizer, catalog)
     return [b for docs in pretraining_docs(catalog, opts["pretrain_epochs"], opts["pretrain_window"],
                                            opts["pretrain_recall"], opts["seed"], opts["pretrain_list_history"])
             for b in length_batches([encode_doc(tokenizer, first_tokens, win_first, *d) for d in docs],
@@ -516,9 +517,9 @@ def _pretrain(model, tokenizer, catalog, opts: dict, log=print):
     val/test users are disjoint, so nothing of the evaluation data is seen. opts: TINY_DEFAULTS' pretrain_*."""
     lr, max_steps, list_loss = opts["pretrain_lr"], opts["pretrain_max_steps"], opts["pretrain_list_loss"]
     t0 = time.time()
-    batches = pretrain_batches(tokenizer, catalog, opts)
     first_tokens = answer_first_tokens(tokenizer, catalog)
     win_first = window_first_tokens(tokenizer, catalog)
+    batches = pretrain_batches(tokenizer, catalog, opts, first_tokens, win_first)
     seconds_tokenise = time.time() - t0
     total = min(len(batches), max_steps or len(batches))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
