@@ -20,6 +20,10 @@ PRIMARY = ("ranking", "hr@1")  # the metric of the claims: ranking HR@1 (determi
 SWEEPS = {
     "K": {"S-DPO": ["sdpo_k1", "sdpo", "sdpo_k7", "sdpo_k15"], "NAPO": ["napo_k1", "napo", "napo_k7", "napo_k15"]},
     "rho": {"NAPO": ["napo_rho05", "napo", "napo_rho10"]},
+    # alpha = 0, 0.3, 1, 3; at alpha = 0 both margins are the fixed gamma0 (one run, `napo_fixed_margin`)
+    "alpha": {"NAPO": ["napo_fixed_margin", "napo", "napo_alpha1", "napo_alpha3"],
+              "NAPO, batch margin": ["napo_fixed_margin", "napo_batch_margin", "napo_batch_alpha1",
+                                     "napo_batch_alpha3"]},
 }
 FIGURES = {  # file name -> (plots.py function, caption); plots.draw_results draws them, the README links them
     "results_hr1_by_method.png": ("plot_hr1_by_method", "Ranking HR@1 per method under both candidate protocols"),

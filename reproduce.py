@@ -88,6 +88,19 @@ QUICK_STAGE_FLAGS = {
     "sasrec": dict(epochs=1, max_train_samples=4000),
 }
 
+# Equal budgets: every preference stage and SFT continued (`sft_cont`) train on the same `pref_rows` rows with
+# the same batch, accumulation and epochs, so they take the same number of optimizer steps and "preference
+# optimisation beats more SFT" is a fair question. The values are softmax_dpo.py's (NAPO's stage): its
+# signature is their one home; dpo.py (default batch 8) and sft.py get them on their command lines.
+BUDGET_KEYS = ("batch_size", "gradient_accumulation_steps", "num_train_epochs")
+
+
+def budget(quick: bool) -> dict:
+    """{batch_size, gradient_accumulation_steps, num_train_epochs} of the preference stages (see BUDGET_KEYS)."""
+    flags = {**stage_defaults("softmax_dpo"), **stage_flags("softmax_dpo", quick)}
+    return {k: flags[k] for k in BUDGET_KEYS}
+
+
 # NAPO with its defaults (napo_config.NAPOConfig, written there once) and S-DPO = NAPO's pieces switched off
 NAPO = {k: getattr(NAPO_DEFAULTS, k) for k in ("num_negatives", "share_negatives", "rho", "margin_mode", "gamma0",
                                                "alpha", "momentum", "reference")}
@@ -108,6 +121,8 @@ METHODS = {
     "heuristic": dict(stage="baseline", label="Seeded-candidate heuristic (no learning)", group="leak",
                       flags=dict(kind="seeded_candidates")),
     "sft": dict(stage="sft", label="SFT", group="main"),
+    # the control of the preference stages: SFT continued from the SFT adapter on their rows, at their budget
+    "sft_cont": dict(stage="sft", start="sft", label="SFT continued", group="main"),
     "sft_sdpo": dict(stage="sft", label="SFT trained on sdpo candidates", group="leak",
                      flags=dict(protocol="sdpo"), eval_flags=RANKING_ONLY),
     "dpo": dict(stage="dpo", start="sft", label="DPO", group="main"),
@@ -128,6 +143,13 @@ METHODS = {
                           flags={**SDPO, "num_negatives": k}, eval_flags=RANKING_ONLY) for k in (1, 7, 15)},
     **{f"napo_k{k}": dict(stage="softmax_dpo", start="sft", label=f"NAPO (K={k})", group="k_sweep",
                           flags={**NAPO, "num_negatives": k}, eval_flags=RANKING_ONLY) for k in (1, 7, 15)},
+    # strength of the dynamic margin, personalised (`napo`: alpha=0.3) and per batch (`napo_batch_margin`: 0.3);
+    # alpha=0 makes both the fixed margin gamma0, which is `napo_fixed_margin` (report.SWEEPS["alpha"])
+    **{f"napo_alpha{a:g}": dict(stage="softmax_dpo", start="sft", label=f"NAPO (alpha={a:g})", group="alpha_sweep",
+                                flags={**NAPO, "alpha": float(a)}, eval_flags=RANKING_ONLY) for a in (1, 3)},
+    **{f"napo_batch_alpha{a:g}": dict(stage="softmax_dpo", start="sft", label=f"NAPO, batch margin (alpha={a:g})",
+                                      group="alpha_sweep", flags={**NAPO, "margin_mode": "batch", "alpha": float(a)},
+                                      eval_flags=RANKING_ONLY) for a in (1, 3)},
     # share of the batch whose negatives are shared (rho=0.7 is `napo`)
     "napo_rho05": dict(stage="softmax_dpo", start="sft", label="NAPO (rho=0.5)", group="rho_sweep",
                        flags={**NAPO, "rho": 0.5}, eval_flags=RANKING_ONLY),
@@ -235,17 +257,19 @@ def plan(settings: dict, methods=None) -> list[Stage]:
             return None
         kw = dict(common, output_dir=o(m), protocol=flags.pop("protocol", "clean"), seed=s["seed"])
         deps = []
-        if kind == "sft":
+        if "start" not in spec:  # SFT from the base model
             kw["max_train_samples"] = s["sft_rows"]
-        else:
+        else:  # a preference stage, or SFT continued: from the start method's adapter, on the preference rows
             start = spec["start"]
-            kw["resume_from_checkpoint"] = o(start, "final_checkpoint")
+            kw["start_adapter" if kind == "sft" else "resume_from_checkpoint"] = o(start, "final_checkpoint")
             kw["max_train_samples"] = s["pref_rows"]
             deps.append(f"{start}:train")
             if needs_sasrec(m):
                 kw["sasrec_checkpoint"] = sasrec_dir
                 deps.append("sasrec:train")
         kw.update(stage_flags(kind, quick))
+        if "start" in spec and kind != "softmax_dpo":  # softmax_dpo's own defaults are the budget
+            kw.update(budget(quick))
         kw.update(flags)
         return Stage(m, "train", kind, kw, Path(o(m, "final_checkpoint", "napo_run.json")), deps=deps)
 

@@ -205,3 +205,27 @@ def test_defaults_have_one_source():
         m for m, s in reproduce.METHODS.items()
         if s["stage"] == "softmax_dpo" and not (s["flags"].get("share_negatives") is False
                                                 and s["flags"].get("margin_mode") == "none")]
+
+
+def test_equal_budgets_for_preference_methods_and_sft_continued(tmp_path):
+    """Every preference method and SFT continued train on the same rows, with the same batch, accumulation and
+    epochs (so the same number of optimizer steps); SFT continued starts from the SFT adapter."""
+    for quick in (False, True):
+        settings = reproduce.resolve_settings(base_model="tiny-bpe", out=str(tmp_path / "runs"), quick=quick)
+        stages = {s.key: s for s in reproduce.plan(settings)}
+        controlled = [m for m, spec in reproduce.METHODS.items() if "start" in spec]
+        assert "sft_cont" in controlled and "dpo" in controlled and "napo_alpha3" in controlled
+        budgets = set()
+        for m in controlled:
+            st = stages[f"{m}:train"]
+            effective = {**reproduce.stage_defaults(st.module), **st.kwargs}
+            budgets.add(tuple(effective[k] for k in ("max_train_samples", "batch_size", "num_train_epochs",
+                                                     "gradient_accumulation_steps")))
+        assert budgets == {(settings["pref_rows"], 16, 1, 1)}, budgets
+    cont = stages["sft_cont:train"]
+    assert cont.module == "sft" and cont.deps == ["sft:train"]
+    assert cont.kwargs["start_adapter"].endswith("runs/sft/final_checkpoint")
+    assert "resume_from_checkpoint" not in cont.kwargs
+    assert stages["sft:train"].kwargs["max_train_samples"] == settings["sft_rows"] != settings["pref_rows"]
+    # SFT continued is a main method: evaluated by ranking, generation and constrained decoding
+    assert "--generative=True --constrained=True" in stages["sft_cont:eval_clean"].command_line()
