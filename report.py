@@ -70,14 +70,43 @@ def binomial_halfwidth(p, n) -> float:
     return Z95 * math.sqrt(max(p * (1 - p), 0.0) / n) if n else float("nan")
 
 
+def mean_std(dicts: list[dict]) -> tuple[dict, dict]:
+    """The mean and the sample standard deviation (n-1; 0 for one dict) of every number found at the same
+    place in all of `dicts` (nested dicts are followed; other values are taken from the first)."""
+    mean, std = {}, {}
+    for k, v in dicts[0].items():
+        vals = [d.get(k) for d in dicts]
+        if isinstance(v, dict) and all(isinstance(x, dict) for x in vals):
+            mean[k], std[k] = mean_std(vals)
+        elif all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in vals):
+            m = sum(vals) / len(vals)
+            mean[k] = m
+            std[k] = math.sqrt(sum((x - m) ** 2 for x in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+        else:
+            mean[k] = v
+    return mean, std
+
+
+def runs_of(summary) -> list[dict]:
+    """The settings of each seed's chain (reproduce.seed_run); a summary from before seeds: its one run."""
+    return summary.get("seed_runs") or [summary["settings"]]
+
+
 def _predictions(settings, m, protocol="clean"):
-    """The per-row predictions of a method, as reproduce.plan lays out a run folder:
-    <out>/<method>/eval_<protocol>/predictions.jsonl."""
+    """The per-row predictions {index: row} of a method in one seed's run, as reproduce.plan lays out a run
+    folder: <out>/<method>/eval_<protocol>/predictions.jsonl or, where that is absent (a fresh clone), the
+    committed per-row results <records>/<method>/eval_<protocol>.rows.json (reproduce.save_record)."""
     path = REPO_DIR / settings["out"] / m / f"eval_{protocol}" / "predictions.jsonl"
+    if path.exists():
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return {r["index"]: r for r in rows}
+    if not settings.get("records"):
+        return None
+    path = REPO_DIR / settings["records"] / m / f"eval_{protocol}.rows.json"
     if not path.exists():
         return None
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {r["index"]: r for r in rows}
+    cols = json.loads(path.read_text())
+    return {i: {k: cols[k][j] for k in cols} for j, i in enumerate(cols["index"])}
 
 
 _PCT_CACHE = {}
@@ -92,40 +121,76 @@ def _percentiles(dataset):
     return _PCT_CACHE[dataset]
 
 
-def paired(settings, a, b, what="hit", protocol="clean") -> dict | None:
-    """Mean of (a − b) over the rows both were evaluated on, with its 95% CI half-width (paired rows):
-    what = 'hit' (ranking HR@1) or 'pop' (popularity percentile of the top-1 item)."""
-    pa, pb = _predictions(settings, a, protocol), _predictions(settings, b, protocol)
-    if not pa or not pb:
-        return None
-    idx = sorted(set(pa) & set(pb))
-    if not idx:
-        return None
-    pct = _percentiles(settings["dataset"]) if what == "pop" else None
+Z_POWER80 = 0.8416  # the standard normal quantile at 0.8: 80% power
 
-    def val(r):
-        return float(r["top1_id"] == r["target_id"]) if what == "hit" else pct[r["top1_id"]]
 
-    d = [val(pa[i]) - val(pb[i]) for i in idx]
+def paired(runs, a, b, what="hit", protocol="clean") -> dict | None:
+    """a − b row by row: paired(runs, "napo", "sdpo"); `runs`: one run's settings or a list of them (one per
+    seed). See paired_pool."""
+    return paired_pool(runs, [(a, b)], what, protocol)
+
+
+def paired_pool(runs, pairs, what="hit", protocol="clean") -> dict | None:
+    """The paired differences a − b, pooled over every seed's run (`runs`: one settings dict or a list, as
+    runs_of gives), every pair of methods in `pairs` [(a, b), ...] and every row both were evaluated on:
+    what = 'hit' (ranking HR@1: 1 if the top-1 item is the target, else 0) or 'pop' (popularity percentile
+    of the top-1 item). Returns the mean difference `diff`, its standard error se = sd / sqrt(n) over the n
+    pooled differences (sd with n-1), the 95% half-width 1.96·se, and the minimum detectable difference
+    mde = (1.96 + 0.84)·se ≈ 2.8·se: the true difference this run detects (two-sided, alpha 0.05) with 80%
+    power. The pooled differences are treated as independent; the same test row under another seed is not
+    quite (the rows' difficulty is shared), so `per_seed` (each seed's mean difference) shows the spread
+    between seeds as well. None when no pair was evaluated on a common row."""
+    runs = [runs] if isinstance(runs, dict) else list(runs)
+    d, a_vals, b_vals, per_seed = [], [], [], []
+    pct = None
+    for settings in runs:
+        seed_d = []
+        for a, b in pairs:
+            pa, pb = _predictions(settings, a, protocol), _predictions(settings, b, protocol)
+            if not pa or not pb:
+                continue
+            if what == "pop" and pct is None:
+                pct = _percentiles(settings["dataset"])
+
+            def val(r):
+                return float(r["top1_id"] == r["target_id"]) if what == "hit" else pct[r["top1_id"]]
+
+            for i in sorted(set(pa) & set(pb)):
+                va, vb = val(pa[i]), val(pb[i])
+                a_vals.append(va)
+                b_vals.append(vb)
+                seed_d.append(va - vb)
+        if seed_d:
+            per_seed.append({"seed": settings.get("seed"), "n": len(seed_d), "diff": sum(seed_d) / len(seed_d)})
+            d += seed_d
+    if not d:
+        return None
     n = len(d)
     mean = sum(d) / n
     sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1)) if n > 1 else float("inf")
-    return {"a": a, "b": b, "what": what, "n": n, "diff": mean, "halfwidth": Z95 * sd / math.sqrt(n),
-            "a_mean": sum(val(pa[i]) for i in idx) / n, "b_mean": sum(val(pb[i]) for i in idx) / n}
+    se = sd / math.sqrt(n)
+    return {"a": pairs[0][0] if len(pairs) == 1 else [p[0] for p in pairs],
+            "b": pairs[0][1] if len(pairs) == 1 else [p[1] for p in pairs], "what": what, "n": n,
+            "n_seeds": len(per_seed), "diff": mean, "se": se, "halfwidth": Z95 * se,
+            "mde": (Z95 + Z_POWER80) * se, "a_mean": sum(a_vals) / n, "b_mean": sum(b_vals) / n,
+            "per_seed": per_seed}
 
 
 # ==================================================================================================
 # Verdicts
 
 
-def verdict_of(p: dict | None, higher_is_better=True) -> str:
+def verdict_of(p: dict | None, higher_is_better=True, z=Z95) -> str:
+    """'supported' when the difference is beyond its CI (z·se; default 95%) in the claimed direction,
+    'refuted' when beyond it in the other, else 'inconclusive'; 'not run' without numbers."""
     if p is None:
         return "not run"
     d = p["diff"] if higher_is_better else -p["diff"]
-    if d > p["halfwidth"]:
+    hw = p["halfwidth"] if z == Z95 else z * p["se"]
+    if d > hw:
         return "supported"
-    if d < -p["halfwidth"]:
-        return "not supported"
+    if d < -hw:
+        return "refuted"
     return "inconclusive"
 
 
@@ -135,23 +200,54 @@ def _fmt_pair(p, unit="HR@1", scale=1.0, digits=4):
     f = f"{{:.{digits}f}}"
     if p["halfwidth"] == 0 and p["diff"] == 0:
         return f"{unit} {f.format(p['a_mean'] * scale)} for both, row by row identical on all {p['n']} rows"
-    return (f"{unit} {f.format(p['a_mean'] * scale)} vs {f.format(p['b_mean'] * scale)}: difference "
-            f"{'+' if p['diff'] >= 0 else '−'}{f.format(abs(p['diff']) * scale)} "
-            f"(95% paired CI ±{f.format(p['halfwidth'] * scale)}, n={p['n']})")
+    seeds = p.get("n_seeds", 1)
+    text = (f"{unit} {f.format(p['a_mean'] * scale)} vs {f.format(p['b_mean'] * scale)}: difference "
+            f"{_signed(p['diff'] * scale, f)} (95% paired CI ±{f.format(p['halfwidth'] * scale)}, n={p['n']}"
+            + (f" rows over {seeds} seeds" if seeds > 1 else "") + ")")
+    if "mde" in p:
+        text += f", smallest detectable difference {f.format(p['mde'] * scale)}"
+    if seeds > 1:
+        text += "; per seed " + ", ".join(_signed(x["diff"] * scale, f) for x in p["per_seed"])
+    return text
+
+
+def _signed(v, f):
+    return ("+" if v >= 0 else "−") + f.format(abs(v))
+
+
+def _bonferroni_z(k: int) -> float:
+    """The two-sided normal quantile for k comparisons at a family-wise 0.05 (Bonferroni: 0.05 / k each)."""
+    from statistics import NormalDist
+
+    return NormalDist().inv_cdf(1 - 0.05 / (2 * k)) if k > 1 else Z95
 
 
 def claims(summary) -> list[dict]:
     """Per-claim verdicts from the numbers (clean protocol, ranking HR@1). A difference counts when it is
-    larger than its 95% paired confidence half-width over the same test rows; otherwise 'inconclusive'."""
-    s, methods = summary["settings"], summary["methods"]
+    larger than its 95% paired confidence half-width, from the per-row differences pooled over the seeds'
+    runs and the test rows (paired_pool): supported, refuted (significantly the other way) or inconclusive."""
+    s, methods = runs_of(summary), summary["methods"]
     out = []
 
     def claim(cid, text, verdict, evidence):
         out.append({"id": cid, "claim": text, "verdict": verdict, "evidence": evidence})
 
+    def label(m):
+        return get(methods, m, "label") or m
+
     # headline
     p = paired(s, "napo", "sdpo")
     claim("napo>sdpo", "NAPO is more accurate than S-DPO", verdict_of(p), f"NAPO vs S-DPO, {_fmt_pair(p)}")
+
+    # preference optimisation vs more SFT on the same rows and steps (sft_cont), and vs the SFT it starts from
+    for m, name in (("napo", "NAPO"), ("sdpo", "S-DPO"), ("dpo", "DPO")):
+        p = paired(s, m, "sft_cont")
+        claim(f"{m}>sft_cont", f"{name} beats SFT continued on the same rows and steps", verdict_of(p),
+              f"{name} vs SFT continued, {_fmt_pair(p)}")
+    for m, name in (("napo", "NAPO"), ("sdpo", "S-DPO"), ("dpo", "DPO")):
+        p = paired(s, m, "sft")
+        claim(f"{m}>sft", f"{name} improves on the SFT adapter it starts from", verdict_of(p),
+              f"{name} vs SFT, {_fmt_pair(p)}")
 
     # (a) more negatives help: the S-DPO K sweep
     series = [(methods[m]["num_negatives"], m) for m in SWEEPS["K"]["S-DPO"] if hr1(summary, m) is not None]
@@ -188,15 +284,8 @@ def claims(summary) -> list[dict]:
             v = "partly supported (more accurate, but the step costs more than 10% extra)"
     claim("b", "(b) sharing adds negatives at almost no cost", v, ev)
 
-    # (c) dynamic margin beats a fixed one
-    p = paired(s, "napo", "napo_fixed_margin")
-    claim("c", "(c) the dynamic margin (alpha=0.3) beats a fixed one (alpha=0)", verdict_of(p),
-          "NAPO vs fixed margin, " + _fmt_pair(p))
-
-    # (d) personalised vs batch margin
-    p = paired(s, "napo", "napo_batch_margin")
-    claim("d", "(d) a personalised margin beats one margin per batch", verdict_of(p),
-          "NAPO (user margin) vs batch margin, " + _fmt_pair(p))
+    out.append(margin_helps_claim(summary))
+    out.append(personal_vs_batch_claim(summary))
 
     # (e) less popularity bias: lower popularity percentile of the top-1 item than S-DPO
     p = paired(s, "napo", "sdpo", what="pop")
@@ -206,6 +295,54 @@ def claims(summary) -> list[dict]:
         ev += f"; the targets' mean percentile is {tgt:.1f}"
     claim("e", "(e) NAPO recommends less popular items than S-DPO", verdict_of(p, higher_is_better=False), ev)
     return out
+
+
+def _alpha(summary, m) -> str:
+    a = get(summary["methods"], m, "flags", "alpha")
+    return f"{a:g}" if a is not None else f"({m})"
+
+
+def margin_helps_claim(summary) -> dict:
+    """(c) Does the dynamic (personalised) margin help at any alpha? Each alpha > 0 of SWEEPS["alpha"]["NAPO"]
+    against alpha = 0 (the fixed margin gamma0), row by row. With k alphas the CIs are Bonferroni-widened
+    (0.05 / k each): 'supported' when one alpha is significantly better, 'refuted' when every alpha is
+    significantly worse, else 'inconclusive'."""
+    s = runs_of(summary)
+    fixed, *dynamic = SWEEPS["alpha"]["NAPO"]
+    tests = [(m, paired(s, m, fixed)) for m in dynamic]
+    tests = [(m, p) for m, p in tests if p is not None]
+    text = "(c) the dynamic margin beats the fixed one (alpha = 0) at some alpha"
+    if not tests:
+        return {"id": "c", "claim": text, "verdict": "not run",
+                "evidence": f"needs `{fixed}` and at least one of {', '.join(f'`{m}`' for m in dynamic)}"}
+    z = _bonferroni_z(len(tests))
+    verdicts = [verdict_of(p, z=z) for _, p in tests]
+    verdict = ("supported" if "supported" in verdicts else
+               "refuted" if all(v == "refuted" for v in verdicts) else "inconclusive")
+    ev = "; ".join(f"alpha={_alpha(summary, m)} vs 0: {_fmt_pair(p)} → {v}" for (m, p), v in zip(tests, verdicts))
+    if len(tests) > 1:
+        ev += f" (each verdict at the Bonferroni-widened CI ±{z:.2f}·se over {len(tests)} alphas)"
+    return {"id": "c", "claim": text, "verdict": verdict, "evidence": ev}
+
+
+def personal_vs_batch_claim(summary) -> dict:
+    """(d) Does the personalised margin beat one margin per batch? At each alpha > 0 both were run with, the
+    user margin against the batch margin, row by row; the verdict comes from the differences pooled over
+    those alphas, the seeds and the rows (the per-alpha differences are listed)."""
+    s = runs_of(summary)
+    user, batch = SWEEPS["alpha"]["NAPO"][1:], SWEEPS["alpha"]["NAPO, batch margin"][1:]
+    pairs = [(u, b) for u, b in zip(user, batch) if paired(s, u, b) is not None]
+    text = "(d) a personalised margin beats one margin per batch"
+    if not pairs:
+        return {"id": "d", "claim": text, "verdict": "not run",
+                "evidence": "needs a user-margin and a batch-margin run at the same alpha"}
+    p = paired_pool(s, pairs)
+    ev = f"user vs batch margin, pooled over alpha = {', '.join(f'{_alpha(summary, u)}' for u, _ in pairs)}: " \
+         + _fmt_pair(p)
+    if len(pairs) > 1:
+        ev += "; by alpha: " + "; ".join(f"alpha={_alpha(summary, u)}: {_fmt_pair(paired(s, u, b))}"
+                                         for u, b in pairs)
+    return {"id": "d", "claim": text, "verdict": verdict_of(p), "evidence": ev}
 
 
 def leak(summary) -> dict:
@@ -262,11 +399,34 @@ def results_table(summary) -> str:
             continue
         cells = [f"{e['label']} (`{m}`)", e["trained_on"] or ""]
         for _, (p, *path) in TABLE:
-            cells.append(cell(metric(summary, m, p, *path), 1 if "pct" in path[-1] else 4))
+            digits = 1 if "pct" in path[-1] else 4
+            v, sd = metric(summary, m, p, *path), get(e, "eval_std", p, *path)
+            cells.append(cell(v, digits) + (f" ± {cell(sd, digits)}" if v is not None and sd is not None else ""))
         cells.append(cell(e.get("equivalent_negatives"), 1))
         cells.append(_secs(get(e, "stages", "train", "seconds")))
         rows.append(cells)
     return markdown_table(head, rows)
+
+
+def gamma_table(summary) -> str | None:
+    """The margin's spread per run (reproduce.gamma_spread): one row per method and seed; None when no run
+    logged a margin."""
+    rows = []
+    for m, e in summary["methods"].items():
+        per_run = ({int(k): v.get("gamma") for k, v in e["seeds"].items()} if "seeds" in e
+                   else {summary["settings"]["seed"]: e.get("gamma")})
+        for seed, g in per_run.items():
+            if g:
+                rows.append([f"{e['label']} (`{m}`)", seed] + [cell(g.get(k)) for k in
+                                                               ("min", "max", "mean", "std", "range", "clamped")])
+    if not rows:
+        return None
+    return (markdown_table(["method", "seed", "min", "max", "mean", "std over training", "mean range in a batch",
+                            "clamped share"], rows) +
+            "\n\nFrom each run's training log: min / max = the smallest batch minimum and the largest batch "
+            "maximum logged; std = the standard deviation of the logged batch means over training; range = the "
+            "mean spread between the users of one batch (0 for a batch margin). Each logged value is the mean "
+            "over `logging_steps` steps.")
 
 
 def leak_text(summary) -> str:
@@ -302,9 +462,18 @@ def claims_text(summary) -> str:
         lines.append(f"\nNoise: with n = {n} test rows a single HR@1 near {p:.2f} has a 95% binomial CI of "
                      f"±{binomial_halfwidth(p, n):.3f} (±{binomial_halfwidth(0.5, n):.3f} at 0.5). The comparisons "
                      f"above are paired (the same rows, the same candidates), so their CIs are tighter; a "
-                     f"difference inside its CI is reported as inconclusive. One seed only: the spread between "
-                     f"training seeds is not measured.")
+                     f"difference inside its CI is reported as inconclusive. " + _seeds_note(summary))
     return "\n".join(lines)
+
+
+def _seeds_note(summary) -> str:
+    seeds = summary["settings"].get("seeds") or [summary["settings"]["seed"]]
+    if len(seeds) == 1:
+        return "One seed only: the spread between training seeds is not measured."
+    return (f"Seeds {', '.join(map(str, seeds))}: the tables show the mean ± standard deviation over the seeds; "
+            f"each verdict pools the paired differences over seeds and rows (its CI treats them as independent; "
+            f"the per-seed differences show the spread between seeds), and states the smallest difference "
+            f"the run could detect (2.8 standard errors: 80% power at a two-sided 0.05).")
 
 
 def time_table(summary) -> str:
@@ -321,7 +490,9 @@ def time_table(summary) -> str:
 def _settings_line(summary) -> str:
     s = summary["settings"]
     rows = lambda v: "all" if v is None or v < 0 else str(v)  # noqa: E731
-    return (f"Base model `{s['base_model']}`, dataset `{s['dataset']}`, seed {s['seed']}; "
+    seeds = s.get("seeds") or [s["seed"]]
+    seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))}"
+    return (f"Base model `{s['base_model']}`, dataset `{s['dataset']}`, {seed_text}; "
             f"rows: SFT {rows(s['sft_rows'])}, "
             f"preference {rows(s['pref_rows'])}, test {rows(s['test_rows'])}{' (--quick)' if s['quick'] else ''}. "
             f"Total stage wall time {_secs(summary['total_seconds'])}. Metric of the claims: "
@@ -344,6 +515,7 @@ def results_markdown(summary, methods) -> str:
         _settings_and_missing(summary, methods),
         "## Method comparison\n\n" + results_table(summary),
         "## Claims\n\n" + claims_text(summary),
+        *(["## The margin gamma per run\n\n" + gamma_table(summary)] if gamma_table(summary) else []),
         "## The `sdpo` candidate protocol leaks the answer\n\n" + leak_text(summary),
         "## Wall time per stage\n\n" + time_table(summary),
     ]) + "\n"

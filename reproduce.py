@@ -2,6 +2,7 @@
 
     bash reproduce.sh                          # everything: embedded model, fixed seed, full LastFM test split
     python reproduce.py --methods sft,sdpo,napo   # a subset (their dependencies are trained too)
+    python reproduce.py --seeds 0,1,2          # each seed's whole chain (seed 0 in <out>, seed N in <out>/seedN)
     python reproduce.py --quick                # plumbing check: small model, a few rows (~1-2 min)
     python reproduce.py report                 # rebuild summary.json, results.md and the plots from the runs
     python reproduce.py readme                 # write the results section of README.md from those files
@@ -16,6 +17,9 @@ the default under --quick: no 10 s import per stage). Outputs:
     <out>/<method>/eval_{clean,sdpo}/           metrics.json + predictions.jsonl
     <out>/<method>/stage_<name>.json            the command, its wall time, when it finished
     <out>/logs/<method>.<stage>.log             stdout/stderr of a subprocess stage
+    <out>/seed<N>/...                           the same for seed N (--seeds; seed 0 is <out> itself)
+    results/records/seed<N>/<method>/           committed copy of each finished stage: stage_<name>.json
+                                                (command, wall time, metrics / training log), <eval>.rows.json
     results/summary.json, results/results.md    every metric, wall time and command; the generated tables
     assets/*.png                                the plots (plots.py)
 
@@ -24,7 +28,10 @@ statistics and verdicts from it and renders the tables and the README's results 
 
 A stage is skipped when its final output exists (napo_run.json / metrics.json / sasrec_config.json; all are
 written last and atomically) and was made by the same command; an interrupted run continues where it
-stopped. A stage that runs again makes the stages that depend on it run again.
+stopped. A stage that runs again makes the stages that depend on it run again. Where the run folder lacks a
+stage (a fresh clone: results/runs is not committed) its committed record counts, when made by the same
+command: evaluations are skipped, and a training stage runs again only if a stage that still has to run needs
+its adapter (plan_states).
 """
 from __future__ import annotations
 
@@ -195,18 +202,30 @@ class Stage:
     def record_file(self, out: Path) -> Path:
         return Path(out) / self.method / f"stage_{self.name}.json"
 
+    def committed_file(self, records) -> Path:
+        """The committed record of this stage (command, wall time, its small outputs): see save_record."""
+        return REPO_DIR / records / self.method / f"stage_{self.name}.json"
+
+    def rows_file(self, records) -> Path:
+        """An evaluation's per-row results beside its committed record (predictions.jsonl is too large)."""
+        return REPO_DIR / records / self.method / f"{self.name}.rows.json"
+
     def call(self):
         fn = getattr(importlib.import_module(self.module), self.command or "main")
         return fn(**copy.deepcopy(self.kwargs))
 
 
 def resolve_settings(base_model="tiny", out=None, sft_rows=None, pref_rows=None, test_rows=None, quick=False,
-                     seed=SEED, dataset=DATASET) -> dict:
-    """The options a run depends on (recorded in summary.json; the commands follow from them)."""
+                     seed=SEED, dataset=DATASET, seeds=None, results_dir=None) -> dict:
+    """The options a run depends on (recorded in summary.json; the commands follow from them). `seeds` (e.g.
+    "0,1,2") replaces `seed`; each seed's chain has its own folders (seed_run). `records`: the committed copy
+    of each finished stage's record and small outputs, <results_dir>/records (default results/records, under
+    --quick <out>/records)."""
     scale = dict(QUICK_SCALE if quick else SCALE)
     for k, v in (("sft_rows", sft_rows), ("pref_rows", pref_rows), ("test_rows", test_rows)):
         if v is not None:
             scale[k] = int(v)
+    seed_list = parse_seeds(seeds if seeds is not None else seed, "--seeds" if seeds is not None else "--seed")
     if quick and base_model == "tiny":  # the small model of tests/conftest.py, built once into the cache
         import modeling
 
@@ -214,8 +233,39 @@ def resolve_settings(base_model="tiny", out=None, sft_rows=None, pref_rows=None,
     elif base_model not in ("tiny", "tiny-bpe", "smollm2-135m"):
         base_model = _rel(base_model)
     out = out or ("results/runs/quick" if quick else "results/runs")
-    return {"base_model": base_model, "dataset": dataset, "seed": int(seed), "quick": bool(quick),
-            "out": _rel(out), **scale}
+    settings = {"base_model": base_model, "dataset": dataset, "seed": seed_list[0], "quick": bool(quick),
+                "out": _rel(out), **scale}
+    results, _ = _default_dirs(settings, results_dir, None)
+    return {**settings, "seeds": seed_list, "records": _rel(results / "records")}
+
+
+def parse_seeds(value, flag="--seeds") -> list[int]:
+    """--seeds 0,1,2 (fire hands over an int, a tuple or a string): distinct whole numbers >= 0, in order."""
+    items = [str(v).strip() for v in (value if isinstance(value, (list, tuple)) else str(value).split(","))]
+    text = ",".join(items)
+    seeds = []
+    for v in items:
+        if not v.isdigit():
+            raise di.DataError(f"{flag} {text}: {v!r} is not a whole number >= 0 (give e.g. {flag} 0,1,2)")
+        seeds.append(int(v))
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise di.DataError(f"{flag} {text}: give distinct seeds, e.g. {flag} 0,1,2")
+    return seeds
+
+
+def seed_run(settings: dict, seed: int) -> dict:
+    """The settings of one seed's chain: seed 0 (SEED) keeps the run folder itself, as before seeds existed;
+    seed N runs in <out>/seed<N>. Committed records: <records>/seed<N> for every seed."""
+    out = settings["out"] if seed == SEED else str(Path(settings["out"]) / f"seed{seed}")
+    one = {k: v for k, v in settings.items() if k not in ("seeds", "records")}
+    one.update(seed=int(seed), out=out)
+    if settings.get("records"):
+        one["records"] = str(Path(settings["records"]) / f"seed{seed}")
+    return one
+
+
+def seed_runs(settings: dict) -> list[dict]:
+    return [seed_run(settings, s) for s in settings.get("seeds") or [settings["seed"]]]
 
 
 @functools.lru_cache(maxsize=None)
@@ -349,16 +399,41 @@ def _read_json(path):
         return None
 
 
-def stage_state(stage: Stage, out: Path, reran: set) -> str:
-    """'done' (skip), 'stale' (output made by another command, or a dependency ran again), or 'todo'."""
+def stage_state(stage: Stage, out: Path, reran: set, records=None) -> str:
+    """'done' (skip), 'stale' (output made by another command, or a dependency ran again), 'todo', or
+    'recorded': the output is absent (a fresh clone: results/runs is not committed) but the committed record
+    under `records` was made by this command (plan_states decides whether it must be made again)."""
     if not (REPO_DIR / stage.done_file).exists():
+        rec = _read_json(stage.committed_file(records)) if records else None
+        if rec is not None and rec.get("command") == stage.command_line() and not any(d in reran for d in stage.deps):
+            return "recorded"
         return "todo"
     if any(d in reran for d in stage.deps):
         return "stale"
     rec = _read_json(stage.record_file(out))
+    if rec is None and records:
+        rec = _read_json(stage.committed_file(records))
     if rec is not None and rec.get("command") != stage.command_line():
         return "stale"
     return "done"  # no record: made outside reproduce.py; trusted
+
+
+def plan_states(stages: list[Stage], out: Path, records=None) -> dict:
+    """{stage key: state} for one seed's ordered stages. A stage that runs (todo / stale) makes the stages
+    that depend on it stale. A 'recorded' stage (committed record, no output) counts as done, except a
+    training stage whose adapter a stage that runs needs: it is made again ('restore'), by the same command,
+    and does not make the stages already recorded from its earlier output stale (on CPU the same command
+    and seed give the same adapter; elsewhere it may differ in the last digits)."""
+    states, reran = {}, set()
+    for st in stages:
+        states[st.key] = stage_state(st, out, reran, records)
+        if states[st.key] in ("todo", "stale"):
+            reran.add(st.key)
+    for st in reversed(stages):  # the stages that need an output come after it
+        if states[st.key] == "recorded":
+            needed = any(st.key in o.deps and states[o.key] in ("todo", "stale", "restore") for o in stages)
+            states[st.key] = "restore" if needed else "done"
+    return states
 
 
 def run_stage(stage: Stage, out: Path, isolate: bool, threads) -> float:
@@ -388,72 +463,67 @@ def run_stage(stage: Stage, out: Path, isolate: bool, threads) -> float:
     return time.time() - t0
 
 
+def save_record(stage: Stage, rec: dict, records) -> None:
+    """Copy a finished stage's record into the committed folder `records` (<records>/<method>/stage_<name>.json,
+    written last, so its presence means the rest is there): the command, its wall time and the stage's small
+    outputs: an evaluation's metrics.json ("metrics") and, beside it, its per-row results (<name>.rows.json:
+    index, target_id, top1_id and the decoded ids, ~40 KB for the 2,495 test rows, where predictions.jsonl
+    is ~2 MB); a training stage's napo_run.json ("run": its options and log_history; the adapter stays
+    uncommitted). Committed, these let a fresh clone skip the stage and still report it (collect)."""
+    done = _read_json(REPO_DIR / stage.done_file)
+    rec = dict(rec)
+    if stage.name.startswith("eval_"):
+        rec["metrics"] = done
+        preds = (REPO_DIR / stage.done_file).parent / "predictions.jsonl"
+        if preds.exists():
+            rows = [json.loads(line) for line in preds.read_text().splitlines() if line.strip()]
+            keys = [k for k in ROW_KEYS if rows and k in rows[0]]
+            di.atomic_write_text(stage.rows_file(records), json.dumps(
+                {k: [r[k] for r in rows] for k in keys}, separators=(",", ":")) + "\n")
+    elif stage.name == "train" and stage.module != "sasrec":
+        rec["run"] = done
+    di.atomic_write_text(stage.committed_file(records), json.dumps(rec, indent=1) + "\n")
+
+
+ROW_KEYS = ("index", "target_id", "top1_id", "generated_id", "constrained_id")  # per-row results committed
+
+
 def run(methods=None, quick: bool = False, base_model: str = "tiny", out: str = None, results_dir: str = None,
         assets_dir: str = None, sft_rows: int = None, pref_rows: int = None, test_rows: int = None,
-        seed: int = SEED, isolate: bool = None, threads: int = None, plots: bool = True, dry_run: bool = False):
+        seed: int = SEED, seeds=None, isolate: bool = None, threads: int = None, plots: bool = True,
+        dry_run: bool = False):
     """Run every stage not done yet, then write summary.json, results.md and the plots.
 
     --methods a,b,c     a subset of METHODS (dependencies are trained, not evaluated); default all
     --quick             small model (built into the cache unless --base_model is given) and a few rows
     --base_model        'tiny' (embedded default), 'tiny-bpe', 'smollm2-135m' or a local model folder
     --out               run folder (default results/runs; --quick: results/runs/quick)
-    --results_dir       summary.json + results.md (default: results; --quick: the run folder)
+    --results_dir       summary.json + results.md + records/ (default: results; --quick: the run folder)
     --assets_dir        plots (default: assets; --quick: <run folder>/assets)
     --sft_rows --pref_rows --test_rows   rows per stage (-1 = all)
+    --seed N            one seed (default 0);  --seeds 0,1,2: each seed's whole chain, one after the other,
+                        seed 0 in <out>, seed N in <out>/seed<N> (seed_run)
     --isolate           one subprocess per stage (default True; --quick: False)
     --threads           torch/OpenMP threads per stage (default: leave the environment's)
     --dry_run           print the stages and whether each would run
+
+    Each finished stage is also recorded in <results_dir>/records/seed<N>/ (save_record): commit that folder,
+    and a run on a fresh clone skips the stages recorded there with the same command.
     """
-    settings = resolve_settings(base_model, out, sft_rows, pref_rows, test_rows, quick, seed)
-    out_dir = REPO_DIR / settings["out"]
+    settings = resolve_settings(base_model, out, sft_rows, pref_rows, test_rows, quick, seed, seeds=seeds,
+                                results_dir=results_dir)
     isolate = (not quick) if isolate is None else bool(isolate)
-    stages = plan(settings, methods)
+    select_methods(methods)  # an unknown method is an error before anything runs
     if not dry_run:
         save_settings(settings)
     if threads and not isolate:
         import torch
 
         torch.set_num_threads(int(threads))
-    print(f"reproduce: {len(stages)} stages, base model {settings['base_model']}, rows sft {settings['sft_rows']} "
-          f"pref {settings['pref_rows']} test {settings['test_rows']}, out {settings['out']}, "
-          f"{'subprocess per stage' if isolate else 'in-process'}", flush=True)
-    reran, failed = set(), {}
+    failed = {}
     t_all = time.time()
-    for i, st in enumerate(stages, 1):
-        head = f"[{i}/{len(stages)}] {st.key:<28}"
-        blocked = [d for d in st.deps if d in failed]
-        if blocked:
-            failed[st.key] = f"blocked by {', '.join(blocked)}"
-            (REPO_DIR / st.done_file).unlink(missing_ok=True)  # an older output no longer matches its inputs
-            print(f"{head} blocked by the failure of {', '.join(blocked)}", flush=True)
-            continue
-        state = stage_state(st, out_dir, reran)
-        if dry_run:
-            print(f"{head} {'skip (done)' if state == 'done' else 'run (' + state + ')'}: {st.command_line()}")
-            if state != "done":
-                reran.add(st.key)
-            continue
-        if state == "done":
-            print(f"{head} done already, skipped", flush=True)
-            continue
-        print(f"{head} running{' again (' + state + ')' if state == 'stale' else ''}: {st.command_line()}",
-              flush=True)
-        (REPO_DIR / st.done_file).unlink(missing_ok=True)  # a stale output must not look finished if this fails
-        try:
-            seconds = run_stage(st, out_dir, isolate, threads)
-        except Exception as e:  # noqa: BLE001 — one failed stage must not stop the others
-            failed[st.key] = f"{type(e).__name__}: {e}"
-            reran.add(st.key)
-            print(f"{head} FAILED: {failed[st.key]}", flush=True)
-            if not isolate:
-                traceback.print_exc()
-            continue
-        reran.add(st.key)
-        di.atomic_write_text(st.record_file(out_dir), json.dumps(
-            {"stage": st.key, "command": st.command_line(), "seconds": round(seconds, 1),
-             "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), "isolated": isolate,
-             "threads": threads or os.environ.get("OMP_NUM_THREADS")}, indent=2) + "\n")
-        print(f"{head} done in {seconds:.0f}s", flush=True)
+    for one in seed_runs(settings):
+        failed.update(run_seed(one, methods, isolate, threads, dry_run, len(settings["seeds"]) > 1))
     if dry_run:
         return None
     print(f"reproduce: stages finished in {time.time() - t_all:.0f}s", flush=True)
@@ -462,6 +532,59 @@ def run(methods=None, quick: bool = False, base_model: str = "tiny", out: str = 
         print("reproduce: FAILED stages:\n" + "\n".join(f"  {k}: {v.splitlines()[0]}" for k, v in failed.items()))
         sys.exit(1)
     return summary
+
+
+def run_seed(settings: dict, methods, isolate: bool, threads, dry_run: bool, name_seed: bool) -> dict:
+    """One seed's chain (settings from seed_run): run the stages plan_states does not mark done; returns the
+    failed stages {key: why}."""
+    out_dir, records = REPO_DIR / settings["out"], settings.get("records")
+    stages = plan(settings, methods)
+    states = plan_states(stages, out_dir, records)
+    print(f"reproduce: {len(stages)} stages, base model {settings['base_model']}, rows sft {settings['sft_rows']} "
+          f"pref {settings['pref_rows']} test {settings['test_rows']}, seed {settings['seed']}, out "
+          f"{settings['out']}, {'subprocess per stage' if isolate else 'in-process'}", flush=True)
+    failed = {}
+    tag = f"seed{settings['seed']}/" if name_seed else ""
+    for i, st in enumerate(stages, 1):
+        head = f"[{tag}{i}/{len(stages)}] {st.key:<28}"
+        state = states[st.key]
+        blocked = [d for d in st.deps if d in failed]
+        if blocked and state != "done":
+            failed[st.key] = f"blocked by {', '.join(blocked)}"
+            (REPO_DIR / st.done_file).unlink(missing_ok=True)  # an older output no longer matches its inputs
+            print(f"{head} blocked by the failure of {', '.join(blocked)}", flush=True)
+            continue
+        if dry_run:
+            print(f"{head} {'skip (done)' if state == 'done' else 'run (' + state + ')'}: {st.command_line()}")
+            continue
+        if state == "done":
+            rec = _read_json(st.record_file(out_dir))
+            committed = _read_json(st.committed_file(records)) if records else None
+            if records and rec and (REPO_DIR / st.done_file).exists() and \
+                    (committed or {}).get("command") != st.command_line():
+                save_record(st, rec, records)  # finished before records existed: record it now
+            print(f"{head} done already{'' if (REPO_DIR / st.done_file).exists() else ' (committed record)'}, "
+                  f"skipped", flush=True)
+            continue
+        why = {"stale": " again (stale)", "restore": " again (its output is needed; committed record)"}
+        print(f"{head} running{why.get(state, '')}: {st.command_line()}", flush=True)
+        (REPO_DIR / st.done_file).unlink(missing_ok=True)  # a stale output must not look finished if this fails
+        try:
+            seconds = run_stage(st, out_dir, isolate, threads)
+        except Exception as e:  # noqa: BLE001 — one failed stage must not stop the others
+            failed[st.key] = f"{type(e).__name__}: {e}"
+            print(f"{head} FAILED: {failed[st.key]}", flush=True)
+            if not isolate:
+                traceback.print_exc()
+            continue
+        rec = {"stage": st.key, "command": st.command_line(), "seconds": round(seconds, 1),
+               "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), "isolated": isolate,
+               "threads": threads or os.environ.get("OMP_NUM_THREADS")}
+        di.atomic_write_text(st.record_file(out_dir), json.dumps(rec, indent=2) + "\n")
+        if records and state != "restore":  # a restored output keeps the record of the one it replaces
+            save_record(st, rec, records)
+        print(f"{head} done in {seconds:.0f}s", flush=True)
+    return {tag + k: v for k, v in failed.items()}
 
 
 # ==================================================================================================
@@ -514,7 +637,7 @@ def training_info(run_json: dict | None) -> dict:
     eq = [h["napo/equivalent_negatives"] for h in steps if "napo/equivalent_negatives" in h]
     final = next((h for h in reversed(logs) if "train_runtime" in h), {})
     n_steps = final.get("step") or (steps[-1]["step"] if steps else None)
-    return {"curves": curves,
+    return {"curves": curves, "gamma": gamma_spread(steps),
             "equivalent_negatives": sum(eq) / len(eq) if eq else None,
             "train_runtime": final.get("train_runtime"),
             "steps": n_steps,
@@ -523,9 +646,33 @@ def training_info(run_json: dict | None) -> dict:
             "M_bar": run_json.get("M_bar")}
 
 
-def collect(settings: dict) -> dict:
-    """Everything the runs wrote, for every method of the table (missing outputs are left out)."""
-    out = REPO_DIR / settings["out"]
+def gamma_spread(logs: list[dict]) -> dict | None:
+    """The margin's spread over one run, from the logged training steps (None for runs without a margin).
+    Each logged value is the trainer's mean over its `logging_steps` steps of a per-batch statistic (the
+    batch's mean, min or max of gamma), so: min = the smallest logged batch minimum, max = the largest logged
+    batch maximum, mean = the mean of the logged batch means, std = the sample standard deviation of the logged
+    batch means (how much gamma moves over training; a batch margin moves only there), range = the mean of
+    (batch max - batch min) (how much gamma differs between the users of one batch; 0 for a batch margin),
+    clamped = the mean share of rows whose margin was clamped at 0."""
+    rows = [h for h in logs if "napo/gamma_mean" in h]
+    if not rows:
+        return None
+    means = [h["napo/gamma_mean"] for h in rows]
+    mins = [h.get("napo/gamma_min", h["napo/gamma_mean"]) for h in rows]
+    maxs = [h.get("napo/gamma_max", h["napo/gamma_mean"]) for h in rows]
+    mean = sum(means) / len(means)
+    clamped = [h["napo/gamma_clamped"] for h in rows if "napo/gamma_clamped" in h]
+    return {"min": min(mins), "max": max(maxs), "mean": mean,
+            "std": (sum((x - mean) ** 2 for x in means) / (len(means) - 1)) ** 0.5 if len(means) > 1 else 0.0,
+            "range": sum(b - a for a, b in zip(mins, maxs)) / len(rows),
+            "clamped": sum(clamped) / len(clamped) if clamped else None, "logged_steps": len(rows)}
+
+
+def collect_seed(settings: dict) -> dict:
+    """{method: entry} of one seed's chain (settings from seed_run): what its stages wrote, from the run folder
+    or, where the run folder lacks it (a fresh clone), from the committed records (missing outputs are left
+    out)."""
+    out, records = REPO_DIR / settings["out"], settings.get("records")
     stages = {st.key: st for st in plan(settings)}
     methods = {}
     for m, spec in METHODS.items():
@@ -537,19 +684,35 @@ def collect(settings: dict) -> dict:
         for key, st in stages.items():
             if st.method != m:
                 continue
-            done = (REPO_DIR / st.done_file).exists()
+            output = _read_json(REPO_DIR / st.done_file) if (REPO_DIR / st.done_file).exists() else None
+            done = output is not None
             rec = _read_json(st.record_file(out)) or {}
+            if not done and records:
+                committed = _read_json(st.committed_file(records)) or {}
+                if committed.get("command") == st.command_line():
+                    done, rec = True, committed
+                    output = committed.get("metrics") if st.name.startswith("eval_") else committed.get("run")
             entry["stages"][st.name] = {"command": st.command_line(), "done": done,
                                         "seconds": rec.get("seconds") if done else None,
                                         "finished_at": rec.get("finished_at") if done else None}
-            if st.name.startswith("eval_") and done:
-                entry["eval"][st.name[5:]] = _read_json(REPO_DIR / st.done_file)
-            if st.name == "train" and st.module != "sasrec" and done:
-                entry.update(training_info(_read_json(REPO_DIR / st.done_file)))
+            if st.name.startswith("eval_") and output is not None:
+                entry["eval"][st.name[5:]] = output
+            if st.name == "train" and st.module != "sasrec" and output is not None:
+                entry.update(training_info(output))
         if entry["eval"] or any(v["done"] for v in entry["stages"].values()):
             methods[m] = entry
+    return methods
+
+
+def collect(settings: dict) -> dict:
+    """Everything the runs wrote, for every method of the table: one seed's entries as collect_seed makes them;
+    with several seeds, each method's entry holds the mean over the seeds that evaluated it (eval; eval_std:
+    their standard deviation) and every seed's own entry (seeds: {seed: entry}); see combine_seeds."""
+    runs = seed_runs(settings)
+    per_seed = {one["seed"]: collect_seed(one) for one in runs}
+    methods = per_seed[runs[0]["seed"]] if len(runs) == 1 else combine_seeds(per_seed)
     summary = {"settings": settings, "primary_metric": ".".join(R.PRIMARY), "protocols": list(PROTOCOLS),
-               "sweeps": R.SWEEPS, "methods": methods}
+               "sweeps": R.SWEEPS, "methods": methods, "seed_runs": runs}
     summary["total_seconds"] = round(sum(v["seconds"] or 0 for e in methods.values()
                                          for v in e["stages"].values()), 1)
     summary["claims"] = R.claims(summary)
@@ -557,10 +720,46 @@ def collect(settings: dict) -> dict:
     return summary
 
 
+def combine_seeds(per_seed: dict) -> dict:
+    """{method: entry} over several seeds ({seed: collect_seed(...)}): the first seed's entry with eval = the
+    mean over the seeds that ran that evaluation, eval_std = their sample standard deviation (n-1), the
+    training numbers (equivalent negatives, time per step, gamma) averaged, the stages' wall times summed,
+    and each seed's own entry under seeds."""
+    methods = {}
+    for m in METHODS:
+        entries = {seed: e[m] for seed, e in per_seed.items() if m in e}
+        if not entries:
+            continue
+        first = next(iter(entries.values()))
+        entry = {k: v for k, v in first.items() if k not in ("eval", "stages")}
+        entry["seeds"] = {str(seed): e for seed, e in entries.items()}
+        entry["eval"], entry["eval_std"] = {}, {}
+        for p in PROTOCOLS:
+            evals = [e["eval"][p] for e in entries.values() if p in e["eval"]]
+            if evals:
+                entry["eval"][p], entry["eval_std"][p] = R.mean_std(evals)
+                entry["eval"][p]["n_seeds"] = len(evals)
+        for k in ("equivalent_negatives", "step_seconds", "train_runtime"):
+            vals = [e[k] for e in entries.values() if e.get(k) is not None]
+            entry[k] = sum(vals) / len(vals) if vals else None
+        gammas = [e["gamma"] for e in entries.values() if e.get("gamma")]
+        if gammas:
+            entry["gamma"] = R.mean_std(gammas)[0]
+        entry["stages"] = {}
+        for name, st in first["stages"].items():
+            secs = [e["stages"][name]["seconds"] for e in entries.values() if name in e["stages"]
+                    and e["stages"][name]["seconds"] is not None]
+            entry["stages"][name] = {"command": st["command"],
+                                     "done": all(e["stages"].get(name, {}).get("done") for e in entries.values()),
+                                     "seconds": round(sum(secs), 1) if secs else None, "finished_at": None}
+        methods[m] = entry
+    return methods
+
+
 def commands_table(settings) -> str:
     """method -> stage script, starting adapter and the method's own flags (from METHODS), then every command
     line in the order reproduce.py runs them (the same strings it records in summary.json)."""
-    stages = plan(settings)
+    stages = plan(seed_run(settings, settings["seed"]))
     rows = []
     for m, spec in METHODS.items():
         script = {"baseline": "reproduce.py baseline", "sasrec": "sasrec.py train"}.get(spec["stage"],
@@ -576,11 +775,19 @@ def commands_table(settings) -> str:
     lines.append("Options every run of a stage gets (`STAGE_FLAGS`): " + "; ".join(
         f"`{k}.py` " + " ".join(f"--{a}={_cli_value(b)}" for a, b in v.items()) for k, v in common.items()) +
         f". Rows: SFT {settings['sft_rows']}, preference {settings['pref_rows']}, test {settings['test_rows']} "
-        f"(-1 = all); seed {settings['seed']}; each trained method is evaluated by `inference.py` under "
+        f"(-1 = all); {_seeds_text(settings)}; each trained method is evaluated by `inference.py` under "
         f"{' and '.join(f'`{p}`' for p in PROTOCOLS)}.")
     lines += ["", "<details><summary>Every command line, in the order <code>bash reproduce.sh</code> runs them"
               "</summary>", "", "```bash"] + [st.command_line() for st in stages] + ["```", "", "</details>"]
     return "\n".join(lines)
+
+
+def _seeds_text(settings) -> str:
+    seeds = settings.get("seeds") or [settings["seed"]]
+    if len(seeds) == 1:
+        return f"seed {seeds[0]}"
+    return (f"seeds {', '.join(map(str, seeds))} (each seed's chain in its own folder: seed {SEED} in the run "
+            f"folder, seed N in <run folder>/seed<N>; the command lines below are seed {seeds[0]}'s)")
 
 
 # ==================================================================================================
@@ -611,9 +818,12 @@ def report(settings: dict = None, results_dir: str = None, assets_dir: str = Non
     """Write summary.json, results.md and the plots from a run folder (no training). The settings are read
     from <out>/reproduce_settings.json (written by the last run) unless given (--quick, --out, rows...)."""
     if settings is None:
-        settings = resolve_settings(**{k: v for k, v in kw.items() if k in ("quick", "out")})
+        settings = resolve_settings(results_dir=results_dir,
+                                    **{k: v for k, v in kw.items() if k in ("quick", "out")})
         saved = _read_json(REPO_DIR / settings["out"] / SETTINGS_FILE)
-        settings = saved if saved and set(kw) <= {"quick", "out"} else resolve_settings(**kw)
+        # a fresh clone has no run folder: give the run's options (--seeds, rows...) to find its records
+        settings = ({"records": settings["records"], **saved} if saved and set(kw) <= {"quick", "out"}
+                    else resolve_settings(results_dir=results_dir, **kw))
     summary = collect(settings)
     results, assets = _default_dirs(settings, results_dir, assets_dir)
     di.atomic_write_text(results / "summary.json", json.dumps(summary, indent=1) + "\n")
@@ -677,9 +887,9 @@ def readme(readme_path: str = None, results_dir: str = None, assets_dir: str = N
 
 
 def commands(quick: bool = False, base_model: str = "tiny", out: str = None, sft_rows=None, pref_rows=None,
-             test_rows=None, seed: int = SEED):
+             test_rows=None, seed: int = SEED, seeds=None):
     """Print the method -> command table for these settings."""
-    print(commands_table(resolve_settings(base_model, out, sft_rows, pref_rows, test_rows, quick, seed)))
+    print(commands_table(resolve_settings(base_model, out, sft_rows, pref_rows, test_rows, quick, seed, seeds=seeds)))
 
 
 COMMANDS = {"run": run, "report": report, "readme": readme, "commands": commands, "baseline": baseline}

@@ -62,3 +62,101 @@ def test_committed_results_regenerate(tmp_path):
     assert section(regenerated) == section(committed) and regenerated.count("\n![") == committed.count("\n![")
     assert regenerated.split(report.START)[0] == committed.split(report.START)[0]
     assert regenerated.split(report.END)[1] == committed.split(report.END)[1]
+
+
+def _predictions(folder, method, hits, rows_file=False):
+    """Hand-made per-row results of one method: predictions.jsonl in a run folder, or (rows_file) the
+    committed <records>/<method>/eval_clean.rows.json."""
+    top1 = [7 if h else 9 for h in hits]
+    if rows_file:
+        path = folder / method / "eval_clean.rows.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"index": list(range(len(hits))), "target_id": [7] * len(hits), "top1_id": top1}))
+        return
+    path = folder / method / "eval_clean" / "predictions.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"index": i, "target_id": 7, "top1_id": t}) + "\n" for i, t in enumerate(top1)))
+
+
+def _two_seeds(tmp_path):
+    """Seed 0 read from a run folder, seed 1 from committed records only (a fresh clone)."""
+    s0 = {"out": str(tmp_path / "runs"), "records": str(tmp_path / "records" / "seed0"), "seed": 0,
+          "dataset": "lastfm"}
+    s1 = {"out": str(tmp_path / "runs" / "seed1"), "records": str(tmp_path / "records" / "seed1"), "seed": 1,
+          "dataset": "lastfm"}
+    return s0, s1
+
+
+def test_paired_differences_pool_seeds_and_rows(tmp_path):
+    s0, s1 = _two_seeds(tmp_path)
+    _predictions(Path(s0["out"]), "napo", [1, 1, 0, 0])
+    _predictions(Path(s0["out"]), "sft_cont", [0, 1, 0, 0])      # seed 0: differences 1, 0, 0, 0
+    _predictions(Path(s1["records"]), "napo", [1, 0, 1, 1], rows_file=True)
+    _predictions(Path(s1["records"]), "sft_cont", [0, 0, 0, 1], rows_file=True)  # seed 1: 1, 0, 1, 0
+    p = report.paired([s0, s1], "napo", "sft_cont")
+    # pooled: 3 ones and 5 zeros; mean 3/8; sum of squared deviations 3·(5/8)² + 5·(3/8)² = 1.875
+    se = math.sqrt(1.875 / 7 / 8)
+    assert (p["n"], p["n_seeds"]) == (8, 2)
+    assert p["diff"] == pytest.approx(0.375) and p["se"] == pytest.approx(se)
+    assert p["halfwidth"] == pytest.approx(1.96 * se) and p["mde"] == pytest.approx((1.96 + 0.8416) * se)
+    assert (p["a_mean"], p["b_mean"]) == (5 / 8, 2 / 8)
+    assert p["per_seed"] == [{"seed": 0, "n": 4, "diff": 0.25}, {"seed": 1, "n": 4, "diff": 0.5}]
+    assert report.verdict_of(p) == "supported"  # 0.375 > 1.96·0.1830 = 0.3586
+    assert report.verdict_of(p, z=2.5) == "inconclusive"
+    assert report.verdict_of({**p, "diff": -0.375}) == "refuted"
+    assert report.paired([s0, s1], "napo", "dpo") is None  # no DPO run
+    one = report.paired(s0, "napo", "sft_cont")  # one run's settings, as before seeds
+    assert (one["n"], one["diff"], one["per_seed"]) == (4, 0.25, [{"seed": 0, "n": 4, "diff": 0.25}])
+    summary = {"settings": {**s0, "seeds": [0, 1]}, "seed_runs": [s0, s1], "methods": {}}
+    v = {c["id"]: c for c in report.claims(summary)}
+    assert v["napo>sft_cont"]["verdict"] == "supported"
+    assert "n=8 rows over 2 seeds" in v["napo>sft_cont"]["evidence"]
+    assert "smallest detectable difference 0.5126" in v["napo>sft_cont"]["evidence"]
+    assert "per seed +0.2500, +0.5000" in v["napo>sft_cont"]["evidence"]
+    assert v["sdpo>sft_cont"]["verdict"] == v["dpo>sft_cont"]["verdict"] == v["napo>sft"]["verdict"] == "not run"
+
+
+def test_margin_claims_over_the_alpha_sweep(tmp_path):
+    """(c): each alpha > 0 against the fixed margin, Bonferroni over the alphas run; (d): user vs batch margin
+    pooled over the alphas both were run with."""
+    s0 = {"out": str(tmp_path / "runs"), "seed": 0, "dataset": "lastfm"}
+    out = Path(s0["out"])
+    n = 100
+    fixed = [0] * n
+    better = [1] * 4 + [0] * (n - 4)  # +0.04: se = sqrt(0.04·0.96·100/99)/10 = 0.019695; 1.96·se = 0.0386 < 0.04
+    _predictions(out, "napo_fixed_margin", fixed)
+    _predictions(out, "napo", better)
+    summary = {"settings": s0, "methods": {}}
+    c = report.margin_helps_claim(summary)
+    assert c["verdict"] == "supported" and "Bonferroni" not in c["evidence"]
+    # two more alphas, no better than the fixed margin: three comparisons, each at 2.394·se = 0.0472 > 0.04
+    _predictions(out, "napo_alpha1", fixed)
+    _predictions(out, "napo_alpha3", fixed)
+    assert report._bonferroni_z(3) == pytest.approx(2.3940, abs=1e-4)
+    c = report.margin_helps_claim(summary)
+    assert c["verdict"] == "inconclusive" and "over 3 alphas" in c["evidence"]
+    # every alpha significantly worse than the fixed margin: refuted
+    for m in ("napo_fixed_margin", "napo", "napo_alpha1", "napo_alpha3"):
+        (out / m / "eval_clean" / "predictions.jsonl").unlink()
+    _predictions(out, "napo_fixed_margin", [1] * 50 + [0] * 50)
+    for m in ("napo", "napo_alpha1", "napo_alpha3"):
+        _predictions(out, m, [0] * n)
+    assert report.margin_helps_claim(summary)["verdict"] == "refuted"
+    # (d) pooled over alpha 0.3 and 1: napo − batch = +1 on 10 rows, napo_alpha1 − batch_alpha1 = 0 everywhere
+    _predictions(out, "napo_batch_margin", [0] * n)
+    _predictions(out, "napo_batch_alpha1", [0] * n)
+    (out / "napo" / "eval_clean" / "predictions.jsonl").unlink()
+    _predictions(out, "napo", [1] * 10 + [0] * 90)
+    d = report.personal_vs_batch_claim(summary)
+    assert "n=200" in d["evidence"] and "difference +0.0500" in d["evidence"] and "by alpha" in d["evidence"]
+    assert d["verdict"] == "supported"  # 0.05 vs 1.96·sqrt(0.05·0.95·200/199/200) = 0.0303
+
+
+def test_mean_and_std_over_seeds_in_the_table():
+    mean, std = report.mean_std([{"n_rows": 4, "ranking": {"hr@1": 0.25}, "protocol": "clean"},
+                                 {"n_rows": 4, "ranking": {"hr@1": 0.75}, "protocol": "clean"}])
+    assert mean == {"n_rows": 4.0, "ranking": {"hr@1": 0.5}, "protocol": "clean"}
+    assert std["ranking"]["hr@1"] == pytest.approx(math.sqrt(0.125)) and std["n_rows"] == 0.0
+    summary = {"methods": {"napo": {"label": "NAPO", "trained_on": "clean", "stages": {},
+                                    "eval": {"clean": mean}, "eval_std": {"clean": std}}}}
+    assert "| NAPO (`napo`) | clean | 0.5000 ± 0.3536 |  |" in report.results_table(summary)

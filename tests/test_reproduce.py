@@ -58,7 +58,7 @@ def test_quick_run_writes_summary_table_and_plots(quick_run):
     assert 3 < s["methods"]["napo"]["equivalent_negatives"] <= 33
     assert s["methods"]["napo"]["curves"]["napo/gamma_mean"]
     claims = {c["id"]: c for c in s["claims"]}
-    assert claims["napo>sdpo"]["verdict"] in ("supported", "not supported", "inconclusive")
+    assert claims["napo>sdpo"]["verdict"] in ("supported", "refuted", "inconclusive")
     assert claims["c"]["verdict"] == "not run"  # no fixed-margin run in this subset
     md = (root / "results" / "results.md").read_text()
     assert "| NAPO (`napo`) | clean |" in md and "## Claims" in md
@@ -166,7 +166,7 @@ def _write_predictions(out, method, hits, top1=None):
 
 def test_claim_verdicts_follow_the_paired_numbers(tmp_path):
     """Verdicts from per-row predictions: a clear gain is supported, identical runs are inconclusive, a clear
-    loss is not supported, and a missing run is reported as not run."""
+    loss is refuted, and a missing run is reported as not run."""
     out = tmp_path / "runs"
     pop = di.target_popularity(di.load_catalog("lastfm"))
     popular, rare = max(range(len(pop)), key=pop.__getitem__), min(range(len(pop)), key=pop.__getitem__)
@@ -179,7 +179,7 @@ def test_claim_verdicts_follow_the_paired_numbers(tmp_path):
     v = {c["id"]: c for c in report.claims(summary)}
     assert v["napo>sdpo"]["verdict"] == "supported" and "0.5000 vs 0.2500" in v["napo>sdpo"]["evidence"]
     assert v["c"]["verdict"] == "inconclusive"
-    assert v["d"]["verdict"] == "not supported"
+    assert v["d"]["verdict"] == "refuted"
     assert v["e"]["verdict"] == "supported"  # NAPO's misses go to a rare item, S-DPO's to the most popular
     assert v["a"]["verdict"] == "not run" and v["b"]["verdict"] == "not run"
 
@@ -229,3 +229,155 @@ def test_equal_budgets_for_preference_methods_and_sft_continued(tmp_path):
     assert stages["sft:train"].kwargs["max_train_samples"] == settings["sft_rows"] != settings["pref_rows"]
     # SFT continued is a main method: evaluated by ranking, generation and constrained decoding
     assert "--generative=True --constrained=True" in stages["sft_cont:eval_clean"].command_line()
+
+
+def test_seeds_flag_and_folders(tmp_path):
+    """--seeds 0,1,2 runs each seed's chain in its own folder (seed 0 in the run folder itself, as before);
+    --seed N stays one seed; bad seeds are a one-line error naming the flag, before anything runs."""
+    out = tmp_path / "runs"
+    settings = reproduce.resolve_settings(out=str(out), seeds=(0, 2), results_dir=str(tmp_path / "results"))
+    assert settings["seeds"] == [0, 2] and settings["seed"] == 0
+    runs = reproduce.seed_runs(settings)
+    assert [r["seed"] for r in runs] == [0, 2]
+    assert [Path(r["out"]) for r in runs] == [out, out / "seed2"]
+    assert [Path(r["records"]) for r in runs] == [tmp_path / "results" / "records" / "seed0",
+                                                   tmp_path / "results" / "records" / "seed2"]
+    sft2 = reproduce.plan(runs[1], "sft")[0]
+    assert "--seed=2" in sft2.command_line() and f"--output_dir={out / 'seed2' / 'sft'} " in sft2.command_line()
+    assert reproduce.resolve_settings(out=str(out), seed=3)["seeds"] == [3]
+    assert reproduce.resolve_settings(out=str(out), seeds="1,0")["seeds"] == [1, 0]
+    assert reproduce.resolve_settings(out=str(out))["records"] == "results/records"
+    with pytest.raises(di.DataError, match=r"--seeds 0,0: give distinct seeds"):
+        reproduce.resolve_settings(seeds=(0, 0))
+    for argv, message in ((["--seeds", "0,x"], "error: --seeds 0,x: 'x' is not a whole number >= 0"),
+                          (["--seeds=0,-1"], "error: --seeds 0,-1: '-1' is not a whole number >= 0"),
+                          (["--methods", "sft,nope"], "error: --methods: unknown nope")):
+        r = subprocess.run([sys.executable, str(REPO / "reproduce.py"), *argv, "--dry_run", f"--out={out}"],
+                           cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and r.stderr.startswith(message), r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+def _fake_stage(ran):
+    """run_stage without a model: writes each stage's final output (and an evaluation's predictions) and
+    remembers which stage ran."""
+    def run_stage(stage, out, isolate, threads):
+        ran.append(stage.key)
+        done = reproduce.REPO_DIR / stage.done_file
+        done.parent.mkdir(parents=True, exist_ok=True)
+        if stage.name.startswith("eval_"):
+            hits = {"sft": [1, 0, 0, 0], "sdpo": [1, 1, 0, 0], "dpo": [1, 1, 1, 0]}.get(stage.method, [0, 0, 0, 0])
+            preds = [{"index": i, "target_id": 7, "top1_id": 7 if h else 9, "scores": [0.0] * 20} for i, h in
+                     enumerate(hits)]
+            (done.parent / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
+            done.write_text(json.dumps({"n_rows": 4, "protocol": stage.kwargs["protocol"],
+                                        "ranking": {"hr@1": sum(hits) / 4}}))
+        else:
+            done.write_text(json.dumps({"stage": stage.module, "train_rows": 4, "log_history": [
+                {"loss": 1.0, "step": 1}, {"train_runtime": 2.0, "step": 1}]}))
+        return 1.5
+    return run_stage
+
+
+def test_committed_records_let_a_fresh_clone_continue(tmp_path, monkeypatch):
+    """A finished stage is copied into the committed records (command, wall time, metrics, per-row results,
+    training log). On a fresh clone (no run folder) a recorded evaluation is skipped; a recorded training stage
+    runs again only when a stage that still has to run needs its adapter, and its rerun leaves the recorded
+    stages alone; a record made by another command does not count."""
+    ran = []
+    monkeypatch.setattr(reproduce, "run_stage", _fake_stage(ran))
+    settings = reproduce.resolve_settings(base_model="tiny", out=str(tmp_path / "runs"),
+                                          results_dir=str(tmp_path / "results"), seeds="0")
+    one = reproduce.seed_runs(settings)[0]
+    records = tmp_path / "results" / "records" / "seed0"
+    assert reproduce.run_seed(one, "sdpo", False, None, False, False) == {}
+    assert ran == ["sft:train", "sdpo:train", "sdpo:eval_clean", "sdpo:eval_sdpo"]
+    rec = json.loads((records / "sdpo" / "stage_eval_clean.json").read_text())
+    assert rec["seconds"] == 1.5 and rec["metrics"]["ranking"]["hr@1"] == 0.5
+    assert rec["command"] == reproduce.plan(one, "sdpo")[2].command_line()
+    assert json.loads((records / "sdpo" / "eval_clean.rows.json").read_text()) == {
+        "index": [0, 1, 2, 3], "target_id": [7, 7, 7, 7], "top1_id": [7, 7, 9, 9]}  # no scores: small
+    assert json.loads((records / "sft" / "stage_train.json").read_text())["run"]["train_rows"] == 4
+    sft_record = (records / "sft" / "stage_train.json").read_text()
+
+    import shutil
+
+    shutil.rmtree(tmp_path / "runs")  # a fresh clone: only the committed records
+    ran.clear()
+    assert reproduce.run_seed(one, "sdpo", False, None, False, False) == {} and ran == []
+    stages = reproduce.plan(one, "sdpo,dpo")
+    states = reproduce.plan_states(stages, tmp_path / "runs", one["records"])
+    assert states == {"sft:train": "restore", "sdpo:train": "done", "sdpo:eval_clean": "done",
+                      "sdpo:eval_sdpo": "done", "dpo:train": "todo", "dpo:eval_clean": "todo",
+                      "dpo:eval_sdpo": "todo"}
+    assert reproduce.run_seed(one, "sdpo,dpo", False, None, False, False) == {}
+    assert ran == ["sft:train", "dpo:train", "dpo:eval_clean", "dpo:eval_sdpo"]
+    assert (records / "sft" / "stage_train.json").read_text() == sft_record  # the restore keeps its record
+    # the summary reads what the run folder lacks from the records; the paired verdicts their per-row results
+    shutil.rmtree(tmp_path / "runs")
+    methods = reproduce.collect_seed(one)
+    assert methods["sdpo"]["eval"]["clean"]["ranking"]["hr@1"] == 0.5
+    sdpo_eval = next(st for st in stages if st.key == "sdpo:eval_clean")
+    assert methods["sdpo"]["stages"]["eval_clean"] == {"command": sdpo_eval.command_line(), "done": True,
+                                                       "seconds": 1.5, "finished_at": rec["finished_at"]}
+    assert methods["sdpo"]["train_rows"] == 4
+    p = report.paired(one, "dpo", "sdpo")
+    assert (p["n"], p["diff"], p["a_mean"], p["b_mean"]) == (4, 0.25, 0.75, 0.5)
+    # a record made by another command (say, another learning rate) does not count: that stage and the ones
+    # after it run
+    path = records / "sdpo" / "stage_train.json"
+    path.write_text(path.read_text().replace("--learning_rate=", "--learning_rate=9"))
+    ran.clear()
+    reproduce.run_seed(one, "sdpo", False, None, False, False)
+    assert ran == ["sft:train", "sdpo:train", "sdpo:eval_clean", "sdpo:eval_sdpo"]
+    # a stage done in the run folder before records existed gets its record on the next run, without running
+    shutil.rmtree(records / "sdpo")
+    ran.clear()
+    reproduce.run_seed(one, "sdpo", False, None, False, False)
+    assert ran == [] and (records / "sdpo" / "stage_eval_sdpo.json").exists()
+    assert (records / "sdpo" / "eval_sdpo.rows.json").exists()
+
+
+def test_gamma_spread_from_the_training_log():
+    logs = [{"loss": 1.0, "step": 5, "napo/gamma_mean": 1.0, "napo/gamma_min": 0.5, "napo/gamma_max": 1.5,
+             "napo/gamma_clamped": 0.0},
+            {"loss": 0.9, "step": 10, "napo/gamma_mean": 2.0, "napo/gamma_min": 1.0, "napo/gamma_max": 4.0,
+             "napo/gamma_clamped": 0.5},
+            {"loss": 0.8, "step": 15, "napo/gamma_mean": 3.0, "napo/gamma_min": 0.0, "napo/gamma_max": 3.0,
+             "napo/gamma_clamped": 0.25}]
+    g = reproduce.gamma_spread(logs)
+    assert g == {"min": 0.0, "max": 4.0, "mean": 2.0, "std": 1.0, "range": (1.0 + 3.0 + 3.0) / 3,
+                 "clamped": 0.25, "logged_steps": 3}
+    assert reproduce.gamma_spread([{"loss": 1.0, "step": 1}]) is None  # S-DPO: no margin
+    info = reproduce.training_info({"log_history": logs + [{"train_runtime": 30.0, "step": 15}]})
+    assert info["gamma"] == g and info["steps"] == 15
+
+
+def test_two_seeds_summary_mean_std_and_pooled_verdicts(tmp_path, monkeypatch):
+    """--seeds 0,1 (stages faked, no model): each seed's chain in its own folder, and the summary holds each
+    seed's numbers, their mean ± std, and verdicts pooled over the seeds' rows."""
+    ran = []
+    monkeypatch.setattr(reproduce, "run_stage", _fake_stage(ran))
+    results = tmp_path / "results"
+    summary = reproduce.run(methods="sft,sdpo", seeds="0,1", out=str(tmp_path / "runs"), results_dir=str(results),
+                            isolate=False, plots=False)
+    assert ran == ["sft:train", "sft:eval_clean", "sft:eval_sdpo", "sdpo:train", "sdpo:eval_clean",
+                   "sdpo:eval_sdpo"] * 2
+    assert (tmp_path / "runs" / "seed1" / "sdpo" / "eval_clean" / "metrics.json").exists()
+    assert (results / "records" / "seed1" / "sdpo" / "stage_eval_clean.json").exists()
+    e = summary["methods"]["sdpo"]
+    assert set(e["seeds"]) == {"0", "1"} and e["seeds"]["1"]["eval"]["clean"]["ranking"]["hr@1"] == 0.5
+    assert e["eval"]["clean"]["ranking"]["hr@1"] == 0.5 and e["eval_std"]["clean"]["ranking"]["hr@1"] == 0.0
+    assert e["eval"]["clean"]["n_seeds"] == 2 and e["stages"]["train"]["seconds"] == 3.0  # 1.5 s per seed
+    claims = {c["id"]: c for c in summary["claims"]}
+    assert "n=8 rows over 2 seeds" in claims["sdpo>sft"]["evidence"]  # 2 seeds x 4 rows: +0.25 each
+    md = (results / "results.md").read_text()
+    assert "seeds 0, 1" in md and "| S-DPO (K=3) (`sdpo`) | clean | 0.5000 ± 0.0000 |" in md
+    saved = json.loads((tmp_path / "runs" / reproduce.SETTINGS_FILE).read_text())
+    assert saved["seeds"] == [0, 1]
+    # a fresh clone: the report comes back from the committed records alone
+    import shutil
+
+    shutil.rmtree(tmp_path / "runs")
+    again = reproduce.report(out=str(tmp_path / "runs"), results_dir=str(results), seeds="0,1", plots=False)
+    assert again["methods"]["sdpo"]["eval"] == e["eval"] and again["claims"] == summary["claims"]
