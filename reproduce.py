@@ -466,16 +466,16 @@ def run_stage(stage: Stage, out: Path, isolate: bool, threads) -> float:
 def save_record(stage: Stage, rec: dict, records) -> None:
     """Copy a finished stage's record into the committed folder `records` (<records>/<method>/stage_<name>.json,
     written last, so its presence means the rest is there): the command, its wall time and the stage's small
-    outputs: an evaluation's metrics.json ("metrics") and, beside it, its per-row results (<name>.rows.json:
-    index, target_id, top1_id and the decoded ids, ~40 KB for the 2,495 test rows, where predictions.jsonl
-    is ~2 MB); a training stage's napo_run.json ("run": its options and log_history; the adapter stays
+    outputs: an evaluation's metrics.json ("metrics") and, under the claims' protocol (`clean`), its per-row
+    results for the paired verdicts (<name>.rows.json: index, target_id, top1_id and the decoded ids, ~40-60 KB
+    for the 2,495 test rows, where predictions.jsonl, with every candidate's score, is ~2 MB); a training stage's napo_run.json ("run": its options and log_history; the adapter stays
     uncommitted). Committed, these let a fresh clone skip the stage and still report it (collect)."""
     done = _read_json(REPO_DIR / stage.done_file)
     rec = dict(rec)
     if stage.name.startswith("eval_"):
         rec["metrics"] = done
         preds = (REPO_DIR / stage.done_file).parent / "predictions.jsonl"
-        if preds.exists():
+        if preds.exists() and stage.name == f"eval_{PROTOCOLS[0]}":  # the claims' protocol: the paired verdicts
             rows = [json.loads(line) for line in preds.read_text().splitlines() if line.strip()]
             keys = [k for k in ROW_KEYS if rows and k in rows[0]]
             di.atomic_write_text(stage.rows_file(records), json.dumps(

@@ -335,7 +335,8 @@ def test_committed_records_let_a_fresh_clone_continue(tmp_path, monkeypatch):
     ran.clear()
     reproduce.run_seed(one, "sdpo", False, None, False, False)
     assert ran == [] and (records / "sdpo" / "stage_eval_sdpo.json").exists()
-    assert (records / "sdpo" / "eval_sdpo.rows.json").exists()
+    assert (records / "sdpo" / "eval_clean.rows.json").exists()
+    assert not (records / "sdpo" / "eval_sdpo.rows.json").exists()  # per-row results: the claims' protocol only
 
 
 def test_gamma_spread_from_the_training_log():
