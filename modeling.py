@@ -14,6 +14,7 @@ Nothing is ever downloaded.
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass
 import hashlib
 import json
@@ -40,7 +41,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 TINY_DEFAULTS = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
                      intermediate_size=688, bpe_vocab_size=2000, item_tokens=True,
                      pretrain_epochs=6, pretrain_lr=2e-3, pretrain_window=24, pretrain_recall=0.4,
-                     pretrain_max_steps=None, pretrain_list_loss="set",
+                     pretrain_max_steps=None, pretrain_list_loss="set", pretrain_distill_start=None,
                      pretrain_list_history=None, pretrain_length_pool=1, pretrain_pack=True, copy_head=True,
                      probe_rows=500,
                      seed=0)
@@ -516,12 +517,17 @@ def _pretrain(model, tokenizer, catalog, opts: dict, log=print):
     pretraining_docs). Stands in for what a real LLM knows about music and lists. Train users only;
     val/test users are disjoint, so nothing of the evaluation data is seen. opts: TINY_DEFAULTS' pretrain_*."""
     lr, max_steps, list_loss = opts["pretrain_lr"], opts["pretrain_max_steps"], opts["pretrain_list_loss"]
+    distill_start = opts.get("pretrain_distill_start")
     t0 = time.time()
     first_tokens = answer_first_tokens(tokenizer, catalog)
     win_first = window_first_tokens(tokenizer, catalog)
     batches = pretrain_batches(tokenizer, catalog, opts, first_tokens, win_first)
     seconds_tokenise = time.time() - t0
     total = min(len(batches), max_steps or len(batches))
+    # "distill" with pretrain_distill_start f: "set" for the first f of the steps, then distill against a frozen
+    # copy of the model as it is then (the teacher cannot drift with its student); None: the live model from step 1
+    frozen_at = None if list_loss != "distill" or distill_start is None else int(distill_start * total)
+    teacher_model = model
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     warm = max(1, min(50, total // 10))
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -536,9 +542,13 @@ def _pretrain(model, tokenizer, catalog, opts: dict, log=print):
         prof["padded_positions"] += inputs["positions"]
         tb = time.time()
         prof["seconds_tokenise_pad"] += tb - ta
-        teacher = (window_items(model, inputs["lists"], win_first, first_tokens, tokenizer.pad_token_id)
-                   if list_loss == "distill" and inputs["lists"] else None)
-        loss = batch_loss(model, inputs, list_loss, teacher)
+        step_loss = "set" if frozen_at is not None and step <= frozen_at else list_loss
+        if frozen_at is not None and step == frozen_at + 1:
+            teacher_model = copy.deepcopy(model).eval()
+            log(f"[tiny] step {step}: distilling from a frozen copy of the model from here on", flush=True)
+        teacher = (window_items(teacher_model, inputs["lists"], win_first, first_tokens, tokenizer.pad_token_id)
+                   if step_loss == "distill" and inputs["lists"] else None)
+        loss = batch_loss(model, inputs, step_loss, teacher)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -586,6 +596,10 @@ def build_tiny(dataset="lastfm", output_dir=None, **overrides) -> Path:
         raise ModelError(f"pretrain_length_pool {opts['pretrain_length_pool']!r}: a whole number >= 1 (1 = no length sorting)")
     if opts["pretrain_pack"] not in (True, False):
         raise ModelError(f"pretrain_pack {opts['pretrain_pack']!r}: True (documents packed into rows) or False (one per row)")
+    f = opts["pretrain_distill_start"]
+    if f is not None and (opts["pretrain_list_loss"] != "distill" or not isinstance(f, (int, float)) or not 0 <= f < 1):
+        raise ModelError(f"pretrain_distill_start {f!r}: None, or with pretrain_list_loss 'distill' the share of the "
+                         "steps (0 <= f < 1) after which a frozen copy of the model is the teacher")
     if opts["pretrain_list_history"] not in (None, "train", "train+next"):
         raise ModelError(f"pretrain_list_history {opts['pretrain_list_history']!r}: None (random titles), train or "
                          "train+next")

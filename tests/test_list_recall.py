@@ -265,3 +265,52 @@ def test_window_ranking_is_two_argmaxes_by_hand(small_model):
             pick = r["candidate_ids"][int(logits[[first[c] for c in r["candidate_ids"]]].argmax())]
             hits[k] += pick == r["target_id"]
     assert got == {"rows": 12, "window_hr1": hits[0] / 12, "answer_hr1": hits[1] / 12}
+
+
+def test_distill_start_freezes_a_copy_of_the_model_as_the_teacher(monkeypatch):
+    """pretrain_distill_start f: the first int(f * steps) steps use the "set" loss and call no teacher; every
+    later step distills against one frozen copy of the model as it stood after those steps — not the model being
+    trained, and unchanged while that model moves on. Without it "distill" asks the live model every step."""
+    import torch
+
+    catalog = di.load_catalog("lastfm")
+    tok = modeling.build_tiny_tokenizer(catalog, 2000, True)
+    opts = {**modeling.TINY_DEFAULTS, **SMALL, "pretrain_max_steps": 6, "pretrain_list_loss": "distill"}
+    real_items, real_loss = modeling.window_items, modeling.batch_loss
+
+    def run(distill_start):
+        torch.manual_seed(0)
+        model = modeling.new_tiny_llama(tok, opts)
+        seen = {"loss": [], "teacher": []}
+
+        def items(teacher, *a, **k):
+            seen["teacher"].append((len(seen["loss"]) + 1, teacher, modeling.state_hash(teacher),
+                                    modeling.state_hash(model)))
+            return real_items(teacher, *a, **k)
+
+        def loss(m, inputs, list_loss="set", teacher=None):
+            seen["loss"].append(list_loss)
+            return real_loss(m, inputs, list_loss, teacher)
+
+        monkeypatch.setattr(modeling, "window_items", items)
+        monkeypatch.setattr(modeling, "batch_loss", loss)
+        modeling._pretrain(model, tok, catalog, {**opts, "pretrain_distill_start": distill_start}, log=lambda *a, **k: None)
+        return model, seen
+
+    model, seen = run(0.5)
+    assert seen["loss"] == ["set"] * 3 + ["distill"] * 3
+    steps = [s for s, *_ in seen["teacher"]]
+    assert steps == [4, 5, 6]  # every step of this recipe has list prompts
+    teachers = {id(t) for _, t, _, _ in seen["teacher"]}
+    assert len(teachers) == 1 and id(model) not in teachers
+    hashes = [h for _, _, h, _ in seen["teacher"]]
+    assert len(set(hashes)) == 1  # frozen
+    assert hashes[0] == seen["teacher"][0][3]  # a copy of the model after step 3 ...
+    assert seen["teacher"][-1][3] != hashes[0]  # ... which then moved on
+    model, seen = run(None)  # the live model as its own teacher, from step 1
+    assert seen["loss"] == ["distill"] * 6 and all(t is model for _, t, _, _ in seen["teacher"])
+    with pytest.raises(modeling.ModelError, match="pretrain_distill_start"):
+        modeling.build_tiny("lastfm", "/nonexistent", **{**SMALL, "pretrain_distill_start": 0.5})  # needs distill
+    with pytest.raises(modeling.ModelError, match="pretrain_distill_start"):
+        modeling.build_tiny("lastfm", "/nonexistent", **{**SMALL, "pretrain_list_loss": "distill",
+                                                         "pretrain_distill_start": 1.0})
