@@ -7,6 +7,7 @@
     python reproduce.py report                 # rebuild summary.json, results.md and the plots from the runs
     python reproduce.py readme                 # write the results section of README.md from those files
     python reproduce.py commands               # print the method -> command table
+    python reproduce.py sweep --families napo   # settings tried on the validation split (results/sweep.md)
 
 Every method is one row of METHODS below (stage + flags); every stage is a command line of a stage script
 (`python sft.py --...`, `python softmax_dpo.py --...`, `python inference.py --...`, `python sasrec.py ...`),
@@ -64,9 +65,9 @@ SEED = 0
 PROTOCOLS = ("clean", "sdpo")  # every method is evaluated under both; `clean` is the one the claims use
 
 # Rows per stage: SFT / preference training rows (first N train rows) and test rows (-1 = all 2,495).
-SCALE = dict(sft_rows=16384, pref_rows=2048, test_rows=-1)  # sft_rows: the quick start's (sft.sh)
+SCALE = dict(sft_rows=16384, pref_rows=2048, test_rows=-1, val_rows=-1)  # sft_rows: the quick start's (sft.sh)
 # --quick: a small model built in seconds and a few rows (tests/conftest.py builds the same model).
-QUICK_SCALE = dict(sft_rows=256, pref_rows=64, test_rows=32)
+QUICK_SCALE = dict(sft_rows=256, pref_rows=64, test_rows=32, val_rows=32)  # val_rows: the sweep's (sweep)
 QUICK_MODEL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                    intermediate_size=128, pretrain_epochs=1, pretrain_recall=1.0, pretrain_lr=5e-3,
                    pretrain_max_steps=150, probe_rows=100)
@@ -164,6 +165,19 @@ METHODS = {
                        flags={**NAPO, "rho": 1.0}, eval_flags=RANKING_ONLY),
 }
 
+# The validation sweep (`python reproduce.py sweep`): per method family, the candidate settings tried on the
+# validation split (never on test), each a copy of the family's method with these flags, chosen by SWEEP_RULE
+# (select_sweep). The chosen values are copied into STAGE_FLAGS / METHODS by hand, with results/sweep.md as
+# their evidence, so the table stays the one home of the flags a run uses.
+SWEEP_RULE = ("the highest validation ranking HR@1 under `clean`; ties go to the smaller learning rate, then "
+              "the smaller beta (the cautious choice: the least movement away from the SFT adapter)")
+SWEEP = {
+    "dpo": dict(method="dpo", grid=dict(learning_rate=[3e-5, 1e-4, 3e-4], beta=[0.1, 1.0])),
+    "sdpo": dict(method="sdpo", grid=dict(learning_rate=[3e-5, 1e-4, 3e-4], beta=[0.1, 1.0])),
+    "napo": dict(method="napo", grid=dict(learning_rate=[3e-5, 1e-4, 3e-4], beta=[0.1, 1.0])),
+    "sft_cont": dict(method="sft_cont", grid=dict(learning_rate=[1e-4, 3e-4, 1e-3])),
+}
+
 # ==================================================================================================
 # Stages
 
@@ -216,13 +230,13 @@ class Stage:
 
 
 def resolve_settings(base_model="tiny", out=None, sft_rows=None, pref_rows=None, test_rows=None, quick=False,
-                     seed=SEED, dataset=DATASET, seeds=None, results_dir=None) -> dict:
+                     seed=SEED, dataset=DATASET, seeds=None, results_dir=None, val_rows=None) -> dict:
     """The options a run depends on (recorded in summary.json; the commands follow from them). `seeds` (e.g.
     "0,1,2") replaces `seed`; each seed's chain has its own folders (seed_run). `records`: the committed copy
     of each finished stage's record and small outputs, <results_dir>/records (default results/records, under
     --quick <out>/records)."""
     scale = dict(QUICK_SCALE if quick else SCALE)
-    for k, v in (("sft_rows", sft_rows), ("pref_rows", pref_rows), ("test_rows", test_rows)):
+    for k, v in (("sft_rows", sft_rows), ("pref_rows", pref_rows), ("test_rows", test_rows), ("val_rows", val_rows)):
         if v is not None:
             scale[k] = int(v)
     seed_list = parse_seeds(seeds if seeds is not None else seed, "--seeds" if seeds is not None else "--seed")
@@ -281,13 +295,15 @@ def stage_flags(stage: str, quick: bool) -> dict:
     return {k: stage_defaults(stage)[k] if v is DEFAULT else v for k, v in flags.items()}
 
 
-def needs_sasrec(method: str) -> bool:
-    spec = METHODS[method]
+def needs_sasrec(method: str, table: dict = None) -> bool:
+    spec = (table or METHODS)[method]
     return spec["stage"] == "softmax_dpo" and NAPOConfig.from_options(spec.get("flags", {})).needs_sasrec
 
 
-def plan(settings: dict, methods=None) -> list[Stage]:
-    """The ordered stages of the selected methods; their dependencies' training stages come first."""
+def plan(settings: dict, methods=None, extra: dict = None) -> list[Stage]:
+    """The ordered stages of the selected methods; their dependencies' training stages come first. `extra`:
+    further methods {name: spec} beside METHODS (the validation sweep's candidates, sweep_candidates)."""
+    table = {**METHODS, **(extra or {})}
     out = Path(settings["out"])
     if not out.is_absolute():
         out = REPO_DIR / out
@@ -297,7 +313,7 @@ def plan(settings: dict, methods=None) -> list[Stage]:
     sasrec_dir = o("sasrec", "model")
 
     def train_stage(m) -> Stage | None:
-        spec = METHODS[m]
+        spec = table[m]
         flags = dict(spec.get("flags", {}))
         kind = spec["stage"]
         if kind == "sasrec":
@@ -314,7 +330,7 @@ def plan(settings: dict, methods=None) -> list[Stage]:
             kw["start_adapter" if kind == "sft" else "resume_from_checkpoint"] = o(start, "final_checkpoint")
             kw["max_train_samples"] = s["pref_rows"]
             deps.append(f"{start}:train")
-            if needs_sasrec(m):
+            if needs_sasrec(m, table):
                 kw["sasrec_checkpoint"] = sasrec_dir
                 deps.append("sasrec:train")
         kw.update(stage_flags(kind, quick))
@@ -324,9 +340,17 @@ def plan(settings: dict, methods=None) -> list[Stage]:
         return Stage(m, "train", kind, kw, Path(o(m, "final_checkpoint", "napo_run.json")), deps=deps)
 
     def eval_stages(m) -> list[Stage]:
-        spec = METHODS[m]
+        spec = table[m]
         stages = []
-        for p in PROTOCOLS:
+        split = spec.get("eval_split", "test")  # the sweep's candidates: "val", under `clean` only
+        for p in spec.get("protocols", PROTOCOLS):
+            if split != "test":
+                metrics_file = o(m, f"{split}_{p}", "metrics.json")
+                kw = dict(common, resume_from_checkpoint=o(m, "final_checkpoint"), output_dir=o(m, f"{split}_{p}"),
+                          protocol=p, split=split, max_test_samples=s["val_rows"], seed=s["seed"],
+                          **{**stage_flags("inference", quick), **spec.get("eval_flags", {})})
+                stages.append(Stage(m, f"{split}_{p}", "inference", kw, metrics_file, deps=[f"{m}:train"]))
+                continue
             metrics_file = o(m, f"eval_{p}", "metrics.json")
             if spec["stage"] == "sasrec":
                 kw = dict(checkpoint=sasrec_dir, protocol=p, dataset=s["dataset"], seed=s["seed"],
@@ -344,7 +368,7 @@ def plan(settings: dict, methods=None) -> list[Stage]:
                 stages.append(Stage(m, f"eval_{p}", "inference", kw, metrics_file, deps=[f"{m}:train"]))
         return stages
 
-    selected = select_methods(methods)
+    selected = select_methods(methods, table)
     ordered: list[Stage] = []
     seen = set()
 
@@ -354,8 +378,8 @@ def plan(settings: dict, methods=None) -> list[Stage]:
             ordered.append(stage)
 
     for m in selected:
-        spec = METHODS[m]
-        if needs_sasrec(m):
+        spec = table[m]
+        if needs_sasrec(m, table):
             add(train_stage("sasrec"))
         if "start" in spec:
             add(train_stage(spec["start"]))
@@ -365,17 +389,19 @@ def plan(settings: dict, methods=None) -> list[Stage]:
     return ordered
 
 
-def select_methods(methods=None) -> list[str]:
-    """--methods: None/'all', a comma-separated string or a list; the table's order is kept."""
+def select_methods(methods=None, table=None) -> list[str]:
+    """--methods: None/'all' (the methods of METHODS), a comma-separated string or a list of names of `table`
+    (default METHODS); the table's order is kept."""
     if methods in (None, "", "all"):
         return list(METHODS)
+    table = METHODS if table is None else table
     if isinstance(methods, str):
         methods = methods.split(",")
     wanted = [str(m).strip() for m in methods if str(m).strip()]
-    unknown = [m for m in wanted if m not in METHODS]
+    unknown = [m for m in wanted if m not in table]
     if unknown:
         raise di.DataError(f"--methods: unknown {', '.join(unknown)} (choose from {', '.join(METHODS)})")
-    return [m for m in METHODS if m in wanted]
+    return [m for m in table if m in wanted]
 
 
 # ==================================================================================================
@@ -472,7 +498,7 @@ def save_record(stage: Stage, rec: dict, records) -> None:
     uncommitted). Committed, these let a fresh clone skip the stage and still report it (collect)."""
     done = _read_json(REPO_DIR / stage.done_file)
     rec = dict(rec)
-    if stage.name.startswith("eval_"):
+    if stage.name != "train":  # an evaluation (test or the sweep's validation)
         rec["metrics"] = done
         preds = (REPO_DIR / stage.done_file).parent / "predictions.jsonl"
         if preds.exists() and stage.name == f"eval_{PROTOCOLS[0]}":  # the claims' protocol: the paired verdicts
@@ -534,11 +560,12 @@ def run(methods=None, quick: bool = False, base_model: str = "tiny", out: str = 
     return summary
 
 
-def run_seed(settings: dict, methods, isolate: bool, threads, dry_run: bool, name_seed: bool) -> dict:
+def run_seed(settings: dict, methods, isolate: bool, threads, dry_run: bool, name_seed: bool,
+             extra: dict = None) -> dict:
     """One seed's chain (settings from seed_run): run the stages plan_states does not mark done; returns the
-    failed stages {key: why}."""
+    failed stages {key: why}. `extra`: further methods for plan (the sweep's candidates)."""
     out_dir, records = REPO_DIR / settings["out"], settings.get("records")
-    stages = plan(settings, methods)
+    stages = plan(settings, methods, extra)
     states = plan_states(stages, out_dir, records)
     print(f"reproduce: {len(stages)} stages, base model {settings['base_model']}, rows sft {settings['sft_rows']} "
           f"pref {settings['pref_rows']} test {settings['test_rows']}, seed {settings['seed']}, out "
@@ -585,6 +612,91 @@ def run_seed(settings: dict, methods, isolate: bool, threads, dry_run: bool, nam
             save_record(st, rec, records)
         print(f"{head} done in {seconds:.0f}s", flush=True)
     return {tag + k: v for k, v in failed.items()}
+
+
+# ==================================================================================================
+# The validation sweep
+
+
+def sweep_candidates(families=None) -> dict:
+    """{candidate name: method spec} for the SWEEP families selected (--families a,b; default all): the
+    family's method with each combination of its grid as flags, trained on the same rows as the method and
+    evaluated by ranking on the validation split under `clean` (plan: eval_split, protocols)."""
+    import itertools
+
+    if families in (None, "", "all"):
+        names = list(SWEEP)
+    else:
+        names = [str(f).strip() for f in (families.split(",") if isinstance(families, str) else families)]
+        unknown = [f for f in names if f not in SWEEP]
+        if unknown:
+            raise di.DataError(f"--families: unknown {', '.join(unknown)} (choose from {', '.join(SWEEP)})")
+    out = {}
+    for fam in names:
+        spec, grid = METHODS[SWEEP[fam]["method"]], SWEEP[fam]["grid"]
+        for values in itertools.product(*grid.values()):
+            flags = dict(zip(grid, values))
+            name = f"sweep_{fam}_" + "_".join(f"{k.replace('learning_rate', 'lr')}{_cli_value(v)}"
+                                               for k, v in flags.items())
+            out[name] = {**spec, "flags": {**spec.get("flags", {}), **flags}, "family": fam, "sweep": flags,
+                         "label": f"{spec['label']} " + ", ".join(f"{k}={v:g}" for k, v in flags.items()),
+                         "group": "sweep", "eval_split": "val", "protocols": (PROTOCOLS[0],),
+                         "eval_flags": RANKING_ONLY}
+    return out
+
+
+def select_sweep(rows: list[dict]) -> dict:
+    """{family: the chosen row} by SWEEP_RULE; rows without a result are left out."""
+    chosen = {}
+    for r in rows:
+        if r.get("val_hr1") is None:
+            continue
+        key = (-r["val_hr1"], r["flags"].get("learning_rate", 0.0), r["flags"].get("beta", 0.0))
+        best = chosen.get(r["family"])
+        if best is None or key < (-best["val_hr1"], best["flags"].get("learning_rate", 0.0),
+                                  best["flags"].get("beta", 0.0)):
+            chosen[r["family"]] = r
+    return chosen
+
+
+def sweep(families=None, quick: bool = False, base_model: str = "tiny", out: str = None, results_dir: str = None,
+          sft_rows: int = None, pref_rows: int = None, val_rows: int = None, seed: int = SEED,
+          isolate: bool = None, threads: int = None, dry_run: bool = False):
+    """The validation sweep: train every candidate of SWEEP (--families dpo,sdpo,napo,sft_cont; default all)
+    from the run's SFT adapter (trained first if need be, in the same run folder as the main chain), evaluate
+    it by ranking on --val_rows validation rows (-1 = all), and write <results_dir>/sweep.json and sweep.md:
+    every candidate's validation HR@1 and the choice per family (select_sweep). Test rows are never read.
+    Costs one preference training per candidate: 21 at the default grid."""
+    settings = resolve_settings(base_model, out, sft_rows, pref_rows, None, quick, seed, results_dir=results_dir,
+                                val_rows=val_rows)
+    candidates = sweep_candidates(families)
+    isolate = (not quick) if isolate is None else bool(isolate)
+    one = seed_run(settings, settings["seed"])
+    if threads and not isolate:
+        import torch
+
+        torch.set_num_threads(int(threads))
+    failed = run_seed(one, list(candidates), isolate, threads, dry_run, False, extra=candidates)
+    if dry_run:
+        return None
+    stages = plan(one, list(candidates), candidates)
+    rows = []
+    for name, spec in candidates.items():
+        st = next(x for x in stages if x.method == name and x.name.startswith("val_"))
+        done, _, res = stage_output(st, REPO_DIR / one["out"], one.get("records"))
+        rows.append({"family": spec["family"], "method": name, "flags": spec["sweep"],
+                     "val_hr1": R.get(res, *R.PRIMARY) if done else None, "val_rows": R.get(res, "n_rows"),
+                     "command": next(x for x in stages if x.key == f"{name}:train").command_line()})
+    result = {"settings": settings, "rule": SWEEP_RULE,
+              "candidates": rows, "chosen": {f: r["method"] for f, r in select_sweep(rows).items()}}
+    results, _ = _default_dirs(settings, results_dir, None)
+    di.atomic_write_text(results / "sweep.json", json.dumps(result, indent=1) + "\n")
+    di.atomic_write_text(results / "sweep.md", R.sweep_markdown(result))
+    print(f"wrote {_rel(results / 'sweep.json')} and {_rel(results / 'sweep.md')}")
+    if failed:
+        print("reproduce sweep: FAILED stages:\n" + "\n".join(f"  {k}: {v.splitlines()[0]}" for k, v in failed.items()))
+        sys.exit(1)
+    return result
 
 
 # ==================================================================================================
@@ -668,6 +780,18 @@ def gamma_spread(logs: list[dict]) -> dict | None:
             "clamped": sum(clamped) / len(clamped) if clamped else None, "logged_steps": len(rows)}
 
 
+def stage_output(st: Stage, out: Path, records=None) -> tuple[bool, dict, dict | None]:
+    """(done, its record, its final output: metrics.json / napo_run.json) of a stage, from the run folder or,
+    where that lacks it (a fresh clone), from its committed record when made by the same command."""
+    output = _read_json(REPO_DIR / st.done_file) if (REPO_DIR / st.done_file).exists() else None
+    if output is not None:
+        return True, _read_json(st.record_file(out)) or {}, output
+    committed = (_read_json(st.committed_file(records)) or {}) if records else {}
+    if committed.get("command") == st.command_line():
+        return True, committed, committed.get("run" if st.name == "train" else "metrics")
+    return False, {}, None
+
+
 def collect_seed(settings: dict) -> dict:
     """{method: entry} of one seed's chain (settings from seed_run): what its stages wrote, from the run folder
     or, where the run folder lacks it (a fresh clone), from the committed records (missing outputs are left
@@ -684,14 +808,7 @@ def collect_seed(settings: dict) -> dict:
         for key, st in stages.items():
             if st.method != m:
                 continue
-            output = _read_json(REPO_DIR / st.done_file) if (REPO_DIR / st.done_file).exists() else None
-            done = output is not None
-            rec = _read_json(st.record_file(out)) or {}
-            if not done and records:
-                committed = _read_json(st.committed_file(records)) or {}
-                if committed.get("command") == st.command_line():
-                    done, rec = True, committed
-                    output = committed.get("metrics") if st.name.startswith("eval_") else committed.get("run")
+            done, rec, output = stage_output(st, out, records)
             entry["stages"][st.name] = {"command": st.command_line(), "done": done,
                                         "seconds": rec.get("seconds") if done else None,
                                         "finished_at": rec.get("finished_at") if done else None}
@@ -892,7 +1009,8 @@ def commands(quick: bool = False, base_model: str = "tiny", out: str = None, sft
     print(commands_table(resolve_settings(base_model, out, sft_rows, pref_rows, test_rows, quick, seed, seeds=seeds)))
 
 
-COMMANDS = {"run": run, "report": report, "readme": readme, "commands": commands, "baseline": baseline}
+COMMANDS = {"run": run, "sweep": sweep, "report": report, "readme": readme, "commands": commands,
+            "baseline": baseline}
 
 if __name__ == "__main__":
     import cli

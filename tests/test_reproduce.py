@@ -258,15 +258,17 @@ def test_seeds_flag_and_folders(tmp_path):
         assert len(r.stderr.strip().splitlines()) == 1 and not out.exists()
 
 
-def _fake_stage(ran):
-    """run_stage without a model: writes each stage's final output (and an evaluation's predictions) and
-    remembers which stage ran."""
+def _fake_stage(ran, hits_of=None):
+    """run_stage without a model: writes each stage's final output (and an evaluation's predictions, with the
+    hits of `hits_of` {method: [0/1 per row]}) and remembers which stage ran."""
+    hits_of = hits_of or {"sft": [1, 0, 0, 0], "sdpo": [1, 1, 0, 0], "dpo": [1, 1, 1, 0]}
+
     def run_stage(stage, out, isolate, threads):
         ran.append(stage.key)
         done = reproduce.REPO_DIR / stage.done_file
         done.parent.mkdir(parents=True, exist_ok=True)
-        if stage.name.startswith("eval_"):
-            hits = {"sft": [1, 0, 0, 0], "sdpo": [1, 1, 0, 0], "dpo": [1, 1, 1, 0]}.get(stage.method, [0, 0, 0, 0])
+        if stage.name != "train":
+            hits = hits_of.get(stage.method, [0, 0, 0, 0])
             preds = [{"index": i, "target_id": 7, "top1_id": 7 if h else 9, "scores": [0.0] * 20} for i, h in
                      enumerate(hits)]
             (done.parent / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
@@ -382,3 +384,40 @@ def test_two_seeds_summary_mean_std_and_pooled_verdicts(tmp_path, monkeypatch):
     shutil.rmtree(tmp_path / "runs")
     again = reproduce.report(out=str(tmp_path / "runs"), results_dir=str(results), seeds="0,1", plots=False)
     assert again["methods"]["sdpo"]["eval"] == e["eval"] and again["claims"] == summary["claims"]
+
+
+def test_validation_sweep_reads_only_the_validation_split(tmp_path, monkeypatch):
+    """reproduce.py sweep: every candidate of a family is trained from the SFT adapter on the method's rows and
+    evaluated on the validation split only; sweep.json / sweep.md hold each result and the choice: the highest
+    validation HR@1, ties to the smaller learning rate (then the smaller beta)."""
+    ran = []
+    hits = {"sweep_dpo_lr3e-05_beta0.1": [1, 0, 0, 0], "sweep_dpo_lr0.0003_beta1.0": [1, 1, 1, 0],
+            "sweep_sft_cont_lr0.0001": [1, 1, 0, 0], "sweep_sft_cont_lr0.001": [1, 1, 0, 0]}
+    monkeypatch.setattr(reproduce, "run_stage", _fake_stage(ran, hits))
+    results = tmp_path / "results"
+    res = reproduce.sweep(families="dpo,sft_cont", out=str(tmp_path / "runs"), results_dir=str(results),
+                          val_rows=4, isolate=False)
+    assert len(res["candidates"]) == 6 + 3 and res["chosen"] == {"dpo": "sweep_dpo_lr0.0003_beta1.0",
+                                                                  "sft_cont": "sweep_sft_cont_lr0.0001"}
+    assert ran[0] == "sft:train" and not any(":eval_" in k for k in ran)
+    stages = reproduce.plan(reproduce.seed_runs(res["settings"])[0], list(reproduce.sweep_candidates("dpo,sft_cont")),
+                            reproduce.sweep_candidates("dpo,sft_cont"))
+    evals = [st for st in stages if st.module == "inference"]
+    assert len(evals) == 9 and all("--split=val --max_test_samples=4 " in st.command_line() for st in evals)
+    assert all("--protocol=clean" in st.command_line() and "--generative=False" in st.command_line() for st in evals)
+    train = next(st for st in stages if st.key == "sweep_dpo_lr0.0003_beta1.0:train").command_line()
+    assert "--learning_rate=0.0003" in train and "--beta=1.0" in train and train.count("--learning_rate=") == 1
+    assert "--max_train_samples=2048" in train and "/runs/sft/final_checkpoint" in train
+    row = next(r for r in res["candidates"] if r["method"] == "sweep_sft_cont_lr0.0003")
+    assert (row["family"], row["flags"], row["val_hr1"], row["val_rows"]) == ("sft_cont", {"learning_rate": 3e-4},
+                                                                               0.0, 4)
+    assert json.loads((results / "sweep.json").read_text())["chosen"] == res["chosen"]
+    md = (results / "sweep.md").read_text()
+    assert "| dpo | **`sweep_dpo_lr0.0003_beta1.0`** | learning_rate=0.0003, beta=1 | 0.7500 | 4 |" in md
+    assert "ties go to the smaller learning rate" in md
+    # ties on beta too; rows without a result are left out
+    rows = [{"family": "f", "method": m, "flags": {"learning_rate": lr, "beta": b}, "val_hr1": v}
+            for m, lr, b, v in (("a", 1e-4, 1.0, 0.5), ("b", 1e-4, 0.1, 0.5), ("c", 3e-5, 1.0, None))]
+    assert reproduce.select_sweep(rows)["f"]["method"] == "b"
+    with pytest.raises(di.DataError, match="--families: unknown nope"):
+        reproduce.sweep_candidates("nope")
