@@ -78,6 +78,10 @@ def mean_std(dicts: list[dict]) -> tuple[dict, dict]:
         vals = [d.get(k) for d in dicts]
         if isinstance(v, dict) and all(isinstance(x, dict) for x in vals):
             mean[k], std[k] = mean_std(vals)
+        elif all(x == v for x in vals) and not isinstance(v, dict):  # the same everywhere (row counts): as is
+            mean[k] = v
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                std[k] = 0.0
         elif all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in vals):
             m = sum(vals) / len(vals)
             mean[k] = m
@@ -561,8 +565,10 @@ def readme_section(summary, methods, commands_md: str, assets_dir: Path, readme_
             figs.append(f"![{caption}]({rel})")
     if figs:
         parts.append("### Plots\n\n" + "\n\n".join(figs))
-    parts += ["### Does this run support NAPO's claims?\n\n" + claims_text(summary),
-              "### The `sdpo` candidate protocol leaks the answer\n\n" + leak_text(summary),
+    parts.append("### Does this run support NAPO's claims?\n\n" + claims_text(summary))
+    if gamma_table(summary):
+        parts.append("### The margin gamma per run\n\n" + gamma_table(summary))
+    parts += ["### The `sdpo` candidate protocol leaks the answer\n\n" + leak_text(summary),
               "### Method → command\n\nEvery row comes from `METHODS` in `reproduce.py`; `bash reproduce.sh` runs "
               "them all.\n\n" + commands_md,
               "### Wall time per stage\n\n" + time_table(summary)]

@@ -933,7 +933,9 @@ def save_settings(settings: dict) -> None:
 
 def report(settings: dict = None, results_dir: str = None, assets_dir: str = None, plots: bool = True, **kw):
     """Write summary.json, results.md and the plots from a run folder (no training). The settings are read
-    from <out>/reproduce_settings.json (written by the last run) unless given (--quick, --out, rows...)."""
+    from <out>/reproduce_settings.json (written by the last run) unless given (--quick, --out, rows...). On a
+    fresh clone (no run folder) give the run's options, e.g. --seeds 0,1,2: the numbers come from the
+    committed records."""
     if settings is None:
         settings = resolve_settings(results_dir=results_dir,
                                     **{k: v for k, v in kw.items() if k in ("quick", "out")})
