@@ -511,13 +511,28 @@ def save_record(stage: Stage, rec: dict, records) -> None:
     di.atomic_write_text(stage.committed_file(records), json.dumps(rec, indent=1) + "\n")
 
 
+def commit_record(stage: Stage, records, seed) -> None:
+    """--commit_records: git-commit a stage's committed record (and its per-row results) the moment it is saved,
+    those files only (`git commit --only`: whatever else is staged or changed stays as it is), so a run on a
+    machine that goes away keeps every stage it finished. A failure (no git, a busy index) is a warning."""
+    files = [str(p) for p in (stage.committed_file(records), stage.rows_file(records)) if p.exists()]
+    cwd = Path(files[0]).parent
+    try:
+        for cmd in (["git", "add", "--", *files],
+                    ["git", "commit", "-q", "--only", "-m", f"records: {stage.key} (seed {seed})", "--", *files]):
+            subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        why = (getattr(e, "stderr", None) or str(e)).strip().splitlines()
+        print(f"warning: could not commit the record of {stage.key}: {why[-1] if why else e}", flush=True)
+
+
 ROW_KEYS = ("index", "target_id", "top1_id", "generated_id", "constrained_id")  # per-row results committed
 
 
 def run(methods=None, quick: bool = False, base_model: str = "tiny", out: str = None, results_dir: str = None,
         assets_dir: str = None, sft_rows: int = None, pref_rows: int = None, test_rows: int = None,
         seed: int = SEED, seeds=None, isolate: bool = None, threads: int = None, plots: bool = True,
-        dry_run: bool = False):
+        dry_run: bool = False, commit_records: bool = False):
     """Run every stage not done yet, then write summary.json, results.md and the plots.
 
     --methods a,b,c     a subset of METHODS (dependencies are trained, not evaluated); default all
@@ -532,6 +547,7 @@ def run(methods=None, quick: bool = False, base_model: str = "tiny", out: str = 
     --isolate           one subprocess per stage (default True; --quick: False)
     --threads           torch/OpenMP threads per stage (default: leave the environment's)
     --dry_run           print the stages and whether each would run
+    --commit_records    git-commit each stage's record as it is saved (commit_record; those files only)
 
     Each finished stage is also recorded in <results_dir>/records/seed<N>/ (save_record): commit that folder,
     and a run on a fresh clone skips the stages recorded there with the same command.
@@ -549,7 +565,8 @@ def run(methods=None, quick: bool = False, base_model: str = "tiny", out: str = 
     failed = {}
     t_all = time.time()
     for one in seed_runs(settings):
-        failed.update(run_seed(one, methods, isolate, threads, dry_run, len(settings["seeds"]) > 1))
+        failed.update(run_seed(one, methods, isolate, threads, dry_run, len(settings["seeds"]) > 1,
+                               commit=commit_records))
     if dry_run:
         return None
     print(f"reproduce: stages finished in {time.time() - t_all:.0f}s", flush=True)
@@ -561,9 +578,10 @@ def run(methods=None, quick: bool = False, base_model: str = "tiny", out: str = 
 
 
 def run_seed(settings: dict, methods, isolate: bool, threads, dry_run: bool, name_seed: bool,
-             extra: dict = None) -> dict:
+             extra: dict = None, commit: bool = False) -> dict:
     """One seed's chain (settings from seed_run): run the stages plan_states does not mark done; returns the
-    failed stages {key: why}. `extra`: further methods for plan (the sweep's candidates)."""
+    failed stages {key: why}. `extra`: further methods for plan (the sweep's candidates); `commit`: git-commit
+    each record saved (commit_record)."""
     out_dir, records = REPO_DIR / settings["out"], settings.get("records")
     stages = plan(settings, methods, extra)
     states = plan_states(stages, out_dir, records)
@@ -590,6 +608,8 @@ def run_seed(settings: dict, methods, isolate: bool, threads, dry_run: bool, nam
             if records and rec and (REPO_DIR / st.done_file).exists() and \
                     (committed or {}).get("command") != st.command_line():
                 save_record(st, rec, records)  # finished before records existed: record it now
+                if commit:
+                    commit_record(st, records, settings["seed"])
             print(f"{head} done already{'' if (REPO_DIR / st.done_file).exists() else ' (committed record)'}, "
                   f"skipped", flush=True)
             continue
@@ -610,6 +630,8 @@ def run_seed(settings: dict, methods, isolate: bool, threads, dry_run: bool, nam
         di.atomic_write_text(st.record_file(out_dir), json.dumps(rec, indent=2) + "\n")
         if records and state != "restore":  # a restored output keeps the record of the one it replaces
             save_record(st, rec, records)
+            if commit:
+                commit_record(st, records, settings["seed"])
         print(f"{head} done in {seconds:.0f}s", flush=True)
     return {tag + k: v for k, v in failed.items()}
 
@@ -888,12 +910,16 @@ def commands_table(settings) -> str:
         rows.append([f"`{m}`", f"`{script}`", f"`{spec['start']}`" if spec.get("start") else "",
                      f"`{flags}`" if flags else ""])
     common = {k: stage_flags(k, settings["quick"]) for k in ("sft", "dpo", "softmax_dpo", "inference")}
+    common["dpo"].update(budget(settings["quick"]))  # what every dpo.py run gets (plan: the equal budget)
+    equal = " ".join(f"--{a}={_cli_value(b)}" for a, b in budget(settings["quick"]).items())
     lines = [R.markdown_table(["method", "stage", "starts from", "its own flags"], rows), ""]
     lines.append("Options every run of a stage gets (`STAGE_FLAGS`): " + "; ".join(
         f"`{k}.py` " + " ".join(f"--{a}={_cli_value(b)}" for a, b in v.items()) for k, v in common.items()) +
         f". Rows: SFT {settings['sft_rows']}, preference {settings['pref_rows']}, test {settings['test_rows']} "
         f"(-1 = all); {_seeds_text(settings)}; each trained method is evaluated by `inference.py` under "
-        f"{' and '.join(f'`{p}`' for p in PROTOCOLS)}.")
+        f"{' and '.join(f'`{p}`' for p in PROTOCOLS)}. Equal budgets: every preference method and `sft_cont` "
+        f"train on the same {settings['pref_rows']} preference rows with {equal} (`budget`), so the same number "
+        f"of optimizer steps.")
     lines += ["", "<details><summary>Every command line, in the order <code>bash reproduce.sh</code> runs them"
               "</summary>", "", "```bash"] + [st.command_line() for st in stages] + ["```", "", "</details>"]
     return "\n".join(lines)

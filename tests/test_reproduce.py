@@ -421,3 +421,28 @@ def test_validation_sweep_reads_only_the_validation_split(tmp_path, monkeypatch)
     assert reproduce.select_sweep(rows)["f"]["method"] == "b"
     with pytest.raises(di.DataError, match="--families: unknown nope"):
         reproduce.sweep_candidates("nope")
+
+
+def test_commit_records_commits_only_the_records(tmp_path, monkeypatch):
+    """--commit_records: each saved record is committed at once, alone: other staged or changed files of the
+    repository stay uncommitted."""
+    git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True, text=True).stdout  # noqa: E731
+    git("init", "-q")
+    git("config", "user.email", "t@example.com")
+    git("config", "user.name", "t")
+    (tmp_path / "mine.py").write_text("x = 1\n")
+    git("add", "mine.py")
+    git("commit", "-q", "-m", "start")
+    (tmp_path / "mine.py").write_text("x = 2\n")  # someone's work in progress, staged
+    git("add", "mine.py")
+    ran = []
+    monkeypatch.setattr(reproduce, "run_stage", _fake_stage(ran))
+    reproduce.run(methods="sft", out=str(tmp_path / "runs"), results_dir=str(tmp_path / "results"), isolate=False,
+                  plots=False, commit_records=True)
+    log = git("log", "--format=%s").splitlines()
+    assert log == ["records: sft:eval_sdpo (seed 0)", "records: sft:eval_clean (seed 0)",
+                   "records: sft:train (seed 0)", "start"]
+    assert git("show", "--name-only", "--format=", "HEAD~1").split() == [
+        "results/records/seed0/sft/eval_clean.rows.json", "results/records/seed0/sft/stage_eval_clean.json"]
+    assert git("diff", "--cached", "--name-only").split() == ["mine.py"]  # still staged, not committed
+    assert git("show", "HEAD:mine.py") == "x = 1\n"
