@@ -22,6 +22,7 @@ the default under --quick: no 10 s import per stage). Outputs:
     results/records/seed<N>/<method>/           committed copy of each finished stage: stage_<name>.json
                                                 (command, wall time, metrics / training log), <eval>.rows.json
     results/summary.json, results/results.md    every metric, wall time and command; the generated tables
+    results/sweep.json, results/sweep.md        the validation sweep (`reproduce.py sweep`) and its choices
     assets/*.png                                the plots (plots.py)
 
 This file plans and runs the stages and collects what they wrote into summary.json; report.py computes the
@@ -239,6 +240,8 @@ def resolve_settings(base_model="tiny", out=None, sft_rows=None, pref_rows=None,
     for k, v in (("sft_rows", sft_rows), ("pref_rows", pref_rows), ("test_rows", test_rows), ("val_rows", val_rows)):
         if v is not None:
             scale[k] = int(v)
+    if seeds is not None and int(seed) != SEED:
+        raise di.DataError(f"--seed {seed} and --seeds {seeds}: give one of them (--seeds N is --seed N)")
     seed_list = parse_seeds(seeds if seeds is not None else seed, "--seeds" if seeds is not None else "--seed")
     if quick and base_model == "tiny":  # the small model of tests/conftest.py, built once into the cache
         import modeling

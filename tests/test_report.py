@@ -160,3 +160,17 @@ def test_mean_and_std_over_seeds_in_the_table():
     summary = {"methods": {"napo": {"label": "NAPO", "trained_on": "clean", "stages": {},
                                     "eval": {"clean": mean}, "eval_std": {"clean": std}}}}
     assert "| NAPO (`napo`) | clean | 0.5000 ± 0.3536 |  |" in report.results_table(summary)
+
+
+def test_main_methods_both_metrics_both_protocols():
+    ev = lambda r, g, v: {"ranking": {"hr@1": r}, "generative": {"hr@1": g, "valid_ratio": v}}  # noqa: E731
+    summary = {"protocols": ["clean", "sdpo"], "methods": {
+        "sft_cont": {"label": "SFT continued", "group": "main", "eval": {"clean": ev(0.5, 0.25, 0.75),
+                                                                         "sdpo": ev(0.625, 0.125, 1.0)}},
+        "napo_k7": {"label": "NAPO (K=7)", "group": "k_sweep", "eval": {"clean": ev(0.5, 0.25, 0.75)}},
+        "dpo": {"label": "DPO", "group": "main", "eval": {"clean": {"ranking": {"hr@1": 0.5}}}}}}
+    lines = report.main_metrics_table(summary).splitlines()
+    assert lines[0] == ("| method | rank HR@1 `clean` | gen HR@1 `clean` | ValidRatio `clean` | rank HR@1 `sdpo` | "
+                        "gen HR@1 `sdpo` | ValidRatio `sdpo` |")
+    assert lines[2:] == ["| SFT continued (`sft_cont`) | 0.5000 | 0.2500 | 0.7500 | 0.6250 | 0.1250 | 1.0000 |"]
+    assert report.main_metrics_table({**summary, "methods": {"dpo": summary["methods"]["dpo"]}}) is None

@@ -249,6 +249,8 @@ def test_seeds_flag_and_folders(tmp_path):
     assert reproduce.resolve_settings(out=str(out))["records"] == "results/records"
     with pytest.raises(di.DataError, match=r"--seeds 0,0: give distinct seeds"):
         reproduce.resolve_settings(seeds=(0, 0))
+    with pytest.raises(di.DataError, match=r"--seed 2 and --seeds 0,1: give one of them"):
+        reproduce.resolve_settings(seed=2, seeds="0,1")
     for argv, message in ((["--seeds", "0,x"], "error: --seeds 0,x: 'x' is not a whole number >= 0"),
                           (["--seeds=0,-1"], "error: --seeds 0,-1: '-1' is not a whole number >= 0"),
                           (["--methods", "sft,nope"], "error: --methods: unknown nope")):
