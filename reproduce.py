@@ -497,8 +497,8 @@ def save_record(stage: Stage, rec: dict, records) -> None:
     written last, so its presence means the rest is there): the command, its wall time and the stage's small
     outputs: an evaluation's metrics.json ("metrics") and, under the claims' protocol (`clean`), its per-row
     results for the paired verdicts (<name>.rows.json: index, target_id, top1_id and the decoded ids, ~40-60 KB
-    for the 2,495 test rows, where predictions.jsonl, with every candidate's score, is ~2 MB); a training stage's napo_run.json ("run": its options and log_history; the adapter stays
-    uncommitted). Committed, these let a fresh clone skip the stage and still report it (collect)."""
+    for the 2,495 test rows, where predictions.jsonl, with every candidate's score, is ~2 MB); a training
+    stage's napo_run.json ("run": its options and log_history; the adapter stays uncommitted). Committed, these let a fresh clone skip the stage and still report it (collect)."""
     done = _read_json(REPO_DIR / stage.done_file)
     rec = dict(rec)
     if stage.name != "train":  # an evaluation (test or the sweep's validation)

@@ -428,7 +428,9 @@ def test_validation_sweep_reads_only_the_validation_split(tmp_path, monkeypatch)
 def test_commit_records_commits_only_the_records(tmp_path, monkeypatch):
     """--commit_records: each saved record is committed at once, alone: other staged or changed files of the
     repository stay uncommitted."""
-    git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True, text=True).stdout  # noqa: E731
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True, text=True).stdout
+
     git("init", "-q")
     git("config", "user.email", "t@example.com")
     git("config", "user.name", "t")
