@@ -43,8 +43,11 @@ TINY_DEFAULTS = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4
                      pretrain_epochs=6, pretrain_lr=2e-3, pretrain_window=24, pretrain_recall=0.4,
                      pretrain_max_steps=None, pretrain_list_loss="set", pretrain_distill_start=None,
                      pretrain_list_history=None, pretrain_length_pool=1, pretrain_pack=True, copy_head=True,
+                     copy_next=None,  # True: the copy head's next-token votes too (tiny-bpe); None = off
+                     bpe_colon_space=None,  # True: build_tiny_tokenizer's colon_space (tiny-bpe); None = off
                      probe_rows=500,
                      seed=0)
+TINY_BPE = dict(item_tokens=False, bpe_colon_space=True, copy_next=True)  # --base_model tiny-bpe
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUILDER_VERSION = 6  # bump when build_tiny changes what it produces
 
@@ -145,15 +148,21 @@ def _titles_safe_as_tokens(catalog: di.ItemCatalog) -> list[str]:
     return out
 
 
-def build_tiny_tokenizer(catalog: di.ItemCatalog, bpe_vocab_size=2000, item_tokens=True):
+def build_tiny_tokenizer(catalog: di.ItemCatalog, bpe_vocab_size=2000, item_tokens=True, colon_space=False):
     """A byte-level BPE tokenizer trained on the dataset's text (templates + titles). With item_tokens,
     every safe title is also one whole token (it absorbs the space before it), so a title costs one token;
-    without, titles are split into BPE pieces like in any real LLM."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    without, titles are split into BPE pieces like in any real LLM. colon_space: the space after a colon is a
+    token of its own, so an answer after "Answer:" is the same tokens as the title written in the prompt's
+    quotes ("Robert Miles" and "Answer: Robert Miles" both give Robert ĠMil es); without, the answer's first
+    token differs from the listed title's (ĠRobert vs Robert) and no copy mechanism can carry it over."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if colon_space:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"(?<=:) "), behavior="isolated"),
+                                                     tok.pre_tokenizer])
     tok.decoder = decoders.ByteLevel()
     specials = ["<pad>", "<s>", "</s>"]
     trainer = trainers.BpeTrainer(vocab_size=bpe_vocab_size, special_tokens=specials, show_progress=False,
@@ -583,7 +592,7 @@ def new_tiny_llama(tokenizer, opts: dict):
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id)
     if opts.get("copy_head", True):
-        return tiny_model.TinyCopyForCausalLM(tiny_model.TinyCopyConfig(**kw))
+        return tiny_model.TinyCopyForCausalLM(tiny_model.TinyCopyConfig(copy_next=bool(opts.get("copy_next")), **kw))
     return LlamaForCausalLM(LlamaConfig(**kw))
 
 
@@ -605,7 +614,7 @@ def build_tiny(dataset="lastfm", output_dir=None, **overrides) -> Path:
                          "train+next")
     catalog = di.load_catalog(dataset)
     torch.manual_seed(opts["seed"])
-    tokenizer = build_tiny_tokenizer(catalog, opts["bpe_vocab_size"], opts["item_tokens"])
+    tokenizer = build_tiny_tokenizer(catalog, opts["bpe_vocab_size"], opts["item_tokens"], bool(opts["bpe_colon_space"]))
     model = new_tiny_llama(tokenizer, opts)
     profile = None
     if opts["pretrain_epochs"] > 0:
@@ -704,8 +713,9 @@ def check_base_model_option(base_model) -> None:
 def resolve_base_model(base_model: str = "tiny", dataset: str = "lastfm") -> Path:
     if base_model == "tiny":
         return tiny_path(dataset)
-    if base_model == "tiny-bpe":  # the embedded model without whole-title tokens (multi-token titles)
-        return tiny_path(dataset, item_tokens=False)
+    if base_model == "tiny-bpe":  # the embedded model without whole-title tokens (multi-token titles): titles in
+        # an answer tokenized as the listed title is, and the copy head's next-token votes to copy a title's rest
+        return tiny_path(dataset, **TINY_BPE)
     if base_model == "smollm2-135m":
         return smollm2_path()
     check_base_model_option(base_model)

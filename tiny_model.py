@@ -17,8 +17,16 @@ its own token. The lift is exact: a token that is not in the context gets none, 
 `*_proj`, so LoRA (modeling.LORA_TARGETS) leaves them alone: SFT and preference stages train what the model
 prefers, not where the list is.
 
+With `copy_next` (titles that span several tokens, `--base_model tiny-bpe`) a second set of votes copies the
+*rest* of a title, as an induction head does: every position j votes for its own token x_j with a key read
+at the position before it (its predecessor: the last earlier position j attends to),
+
+    + exp(scale') * sum_j sigmoid(q'(h) . k'(h_pred(j)) / sqrt(d) + bias') * [x_j == t]
+
+so a query whose answer so far matches a listed title's prefix lifts that title's next token.
+
 During cached generation the copy keys and ids of earlier positions ride on the cache object
-(`cache.napo_copy`); greedy and constrained decoding (inference.generate) give the same logits as a full
+(`cache.napo_copy`, and `cache.napo_next` for the next-token votes); greedy and constrained decoding (inference.generate) give the same logits as a full
 forward (tests/test_tiny_model.py).
 """
 from __future__ import annotations
@@ -34,10 +42,12 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 class TinyCopyConfig(LlamaConfig):
     model_type = "napo_tiny"
 
-    def __init__(self, copy_dim: int = 32, copy_bias: float = -2.0, copy_log_scale: float = 2.75, **kwargs):
+    def __init__(self, copy_dim: int = 32, copy_bias: float = -2.0, copy_log_scale: float = 2.75,
+                 copy_next: bool = False, **kwargs):
         self.copy_dim = copy_dim              # width of the copy head's query/key
         self.copy_bias = copy_bias            # initial bias of each vote (sigmoid(-2) = 0.12)
         self.copy_log_scale = copy_log_scale  # initial log of a full vote's lift (e^2.75 = 15.6 logits)
+        self.copy_next = copy_next            # also the "next-token" votes (multi-token titles; see the module)
         super().__init__(**kwargs)
 
 
@@ -62,13 +72,40 @@ class TinyCopyForCausalLM(LlamaForCausalLM):
         self.copy_query = nn.Linear(config.hidden_size, config.copy_dim, bias=False)
         self.copy_key = nn.Linear(config.hidden_size, config.copy_dim, bias=False)
         self.copy_gate = nn.Parameter(torch.tensor([config.copy_bias, config.copy_log_scale]))  # vote bias, log scale
+        if getattr(config, "copy_next", False):
+            self.copy_next_query = nn.Linear(config.hidden_size, config.copy_dim, bias=False)
+            self.copy_next_key = nn.Linear(config.hidden_size, config.copy_dim, bias=False)
+            self.copy_next_gate = nn.Parameter(torch.tensor([config.copy_bias, config.copy_log_scale]))
         self.post_init()
 
-    def copy_votes(self, hidden, keys, allowed):
+    def copy_votes(self, hidden, keys, allowed, query=None, gate=None):
         """(B, q, k) weight of each attended position's vote for its token."""
-        scores = self.copy_query(hidden) @ keys.transpose(1, 2) / math.sqrt(keys.shape[-1])
-        w = torch.sigmoid(scores + self.copy_gate[0]) * self.copy_gate[1].exp()
+        query = self.copy_query if query is None else query
+        gate = self.copy_gate if gate is None else gate
+        scores = query(hidden) @ keys.transpose(1, 2) / math.sqrt(keys.shape[-1])
+        w = torch.sigmoid(scores + gate[0]) * gate[1].exp()
         return w.masked_fill(~allowed, 0.0)
+
+    def next_keys(self, h, attention_mask, state):
+        """(keys (B, K, d), has_pred (B, K)) of the next-token votes: each position's key is copy_next_key of
+        its predecessor's hidden state — the last earlier position it attends to (the previous token in a
+        plain or padded row; none for a document's first token in packed rows or a pad's neighbour). Cached
+        generation appends one contiguous step at a time, its predecessor the previous position."""
+        raw = self.copy_next_key(h)
+        B, q_len, d = raw.shape
+        prev = getattr(state, "napo_next", None) if state is not None else None
+        if prev is not None:  # cached: the new positions follow the cached ones
+            keys = torch.cat([prev[0], torch.cat([prev[2], raw[:, :-1]], 1)], 1)
+            has = torch.cat([prev[1], torch.ones(B, q_len, dtype=torch.bool, device=h.device)], 1)
+        else:
+            rows = allowed_positions(attention_mask, q_len, q_len, h.device).expand(B, q_len, q_len)
+            earlier = rows & torch.ones(q_len, q_len, dtype=torch.bool, device=h.device).tril(-1)
+            has = earlier.any(-1)
+            pred = (earlier * torch.arange(q_len, device=h.device)).argmax(-1)  # (B, q) the last earlier one
+            keys = raw.gather(1, pred[..., None].expand(B, q_len, d))
+        if state is not None:
+            state.napo_next = (keys, has, raw[:, -1:])
+        return keys, has
 
     def __setattr__(self, name, value):
         # TRL's trainers (SFT, DPO) call add_fused_lm_head, which replaces `model.forward` by one that, given
@@ -132,7 +169,11 @@ class TinyCopyForCausalLM(LlamaForCausalLM):
         if state is not None:
             state.napo_copy = (keys, ids)
         B, q_len = input_ids.shape
-        w = self.copy_votes(h, keys, allowed_positions(attention_mask, q_len, keys.shape[1], h.device))
+        allowed = allowed_positions(attention_mask, q_len, keys.shape[1], h.device)
+        w = self.copy_votes(h, keys, allowed)
+        if getattr(self.config, "copy_next", False):  # the next-token votes, for the same tokens
+            nkeys, has = self.next_keys(h, attention_mask, state)
+            w = w + self.copy_votes(h, nkeys, allowed & has[:, None, :], self.copy_next_query, self.copy_next_gate)
         ids = ids[:, None, :].expand(B, q_len, ids.shape[1])
         if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dtype == torch.bool:
             h, w, ids = h[logits_to_keep], w[logits_to_keep], ids[logits_to_keep]  # (n, ...) in row-major order

@@ -35,7 +35,8 @@ def small_model(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def small_bpe_model(tmp_path_factory):
-    """The same without whole-title tokens: every title spans several BPE tokens, as in real LLMs."""
+    """The same without whole-title tokens, as --base_model tiny-bpe builds it: every title spans several BPE
+    tokens, as in real LLMs."""
     import modeling
 
-    return str(modeling.build_tiny("lastfm", tmp_path_factory.mktemp("small_bpe"), item_tokens=False, **SMALL))
+    return str(modeling.build_tiny("lastfm", tmp_path_factory.mktemp("small_bpe"), **modeling.TINY_BPE, **SMALL))

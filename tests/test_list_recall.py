@@ -217,8 +217,8 @@ def test_pack_batch_lays_every_document_once_on_its_own_positions():
     assert 1 - tokens / p.rows_padded < 0.5 * (1 - tokens / padded)
 
 
-@pytest.mark.parametrize("copy_head", [True, False])
-def test_packed_build_step_equals_the_padded_one(copy_head):
+@pytest.mark.parametrize("copy_head,copy_next", [(True, False), (False, False), (True, True)])
+def test_packed_build_step_equals_the_padded_one(copy_head, copy_next):
     """A build step on packed rows (the default) has the loss and the gradients of the same batch padded one
     document per row, for every list loss: packing changes the cost, not the model."""
     import torch
@@ -226,7 +226,8 @@ def test_packed_build_step_equals_the_padded_one(copy_head):
     tok, first, win_first, batch = _build_batch()
     torch.manual_seed(0)
     model = modeling.new_tiny_llama(tok, dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                              num_key_value_heads=2, intermediate_size=128, copy_head=copy_head))
+                                              num_key_value_heads=2, intermediate_size=128, copy_head=copy_head,
+                                              copy_next=copy_next))
     for list_loss in ("set", "pick", "distill"):
         losses, grads = [], []
         for pack in (False, True):

@@ -47,6 +47,31 @@ def test_tokenizer_item_tokens_and_bpe(small_model, small_bpe_model):
             assert modeling.decode(t, ids).strip() == title
 
 
+def test_colon_space_tokenizes_an_answer_as_the_listed_title():
+    """tiny-bpe's tokenizer (colon_space): after its first token (the space after "Answer:") every answer is
+    a run of the prompt's own tokens — what the copy head can copy; the plain BPE tokenizer writes a listed
+    title's first piece differently from the answer's (Robert vs ĠRobert), so almost none is."""
+    cat = di.load_catalog("lastfm")
+    rows = di.eval_rows(cat, "test", "clean", max_samples=20)
+
+    def verbatim(tok, skip):
+        hits = total = 0
+        for r in rows:
+            p, answers = modeling.encode_prompt_answers(tok, r["prompt"], [di.answer_text(cat, c) for c in r["candidate_ids"]])
+            assert modeling.decode(tok, p) == r["prompt"]  # the prompt still round-trips
+            flat = "," + ",".join(map(str, p)) + ","
+            for a in answers:
+                total += 1
+                hits += ("," + ",".join(map(str, a[skip:-1])) + ",") in flat
+        return hits / total
+
+    spaced = modeling.build_tiny_tokenizer(cat, 2000, item_tokens=False, colon_space=True)
+    _, (a,) = modeling.encode_prompt_answers(spaced, "Answer:", [" Robert Miles"])
+    assert spaced.convert_ids_to_tokens(a[:2]) == ["Ġ", "Robert"]
+    assert verbatim(spaced, 1) >= 0.98
+    assert verbatim(modeling.build_tiny_tokenizer(cat, 2000, item_tokens=False), 0) < 0.1
+
+
 def test_cache_is_built_once_and_atomic(tmp_path, monkeypatch):
     monkeypatch.setenv("NAPO_CACHE", str(tmp_path))
     opts = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,

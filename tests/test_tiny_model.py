@@ -12,17 +12,18 @@ import scoring
 import tiny_model
 
 
-@pytest.fixture(scope="module")
-def small():
+@pytest.fixture(scope="module", params=[False, True], ids=["copy", "copy+next"])
+def small(request):
     """A small random napo_tiny whose votes are strong (bias +2, lift e^2), so any path that mishandles
-    them shows."""
+    them shows; without and with the next-token votes (copy_next)."""
     torch.manual_seed(0)
     catalog = di.load_catalog("lastfm")
     tok = modeling.build_tiny_tokenizer(catalog, 2000, True)
     cfg = tiny_model.TinyCopyConfig(
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=4, tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, copy_bias=2.0, copy_log_scale=2.0)
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, copy_bias=2.0, copy_log_scale=2.0,
+        copy_next=request.param)
     model = tiny_model.TinyCopyForCausalLM(cfg).eval()
     rng = random.Random(0)
     prompts = [modeling.list_prompt(catalog, rng) for _ in range(3)]
@@ -37,11 +38,17 @@ def test_lift_is_exact_and_only_on_tokens_in_the_context(small):
         plain = model.lm_head(model.model(input_ids=ids).last_hidden_state)[0, -1]
         h = model.model(input_ids=ids).last_hidden_state
         w = model.copy_votes(h[:, -1:], model.copy_key(h), torch.ones(1, 1, ids.shape[1], dtype=torch.bool))[0, 0]
+        expect = torch.zeros(len(tok)).index_add(0, ids[0], w)
+        if model.config.copy_next:  # position j votes for its token with the key of position j - 1, by hand
+            q = model.copy_next_query(h[0, -1])
+            k = model.copy_next_key(h[0, :-1])  # the predecessors of positions 1..T-1
+            g = model.copy_next_gate
+            w2 = torch.sigmoid(k @ q / k.shape[-1] ** 0.5 + g[0]) * g[1].exp()
+            expect = expect.index_add(0, ids[0, 1:], w2)
     lift = logits - plain
     seen = set(ids[0].tolist())
     absent = [t for t in range(len(tok)) if t not in seen]
     assert lift[absent].abs().max() == 0  # a token not in the context is not touched
-    expect = torch.zeros(len(tok)).index_add(0, ids[0], w)
     assert torch.allclose(lift, expect, atol=1e-5)
     assert lift[list(seen)].min() > 0.5  # and the votes are strong enough to matter in the tests below
 
