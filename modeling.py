@@ -648,6 +648,18 @@ def state_hash(model) -> str:
     return h.hexdigest()
 
 
+def tiny_name(dataset="lastfm", **overrides) -> str:
+    """The embedded model's identity, without building it: tiny-<12 hex digits> of the builder version, the
+    build options, the data's fingerprint and the prompt templates (the tokenizer is trained on them) — the
+    cache folder's name, and what reproduce.py's records say a stage was run on. `dataset`: a name, a folder or
+    an ItemCatalog."""
+    catalog = dataset if isinstance(dataset, di.ItemCatalog) else di.load_catalog(dataset)
+    keyed = {k: v for k, v in {**TINY_DEFAULTS, **overrides}.items() if v is not None}
+    key = hashlib.sha256(json.dumps([BUILDER_VERSION, keyed, di.data_fingerprint(catalog), di.TEMPLATES],
+                                    sort_keys=True).encode()).hexdigest()[:12]
+    return f"tiny-{key}"
+
+
 def tiny_path(dataset="lastfm", **overrides) -> Path:
     """The cached embedded model for a dataset and build options; built on first use. The cache folder is
     named by content only (builder version, options, the data's fingerprint, the templates), never by the
@@ -655,13 +667,10 @@ def tiny_path(dataset="lastfm", **overrides) -> Path:
     checked (every row, file:line errors) before anything is built."""
     opts = {**TINY_DEFAULTS, **overrides}
     catalog = di.load_catalog(dataset)
-    keyed = {k: v for k, v in opts.items() if v is not None}
-    # the tokenizer is trained on the prompt templates, so they are part of the key too
-    key = hashlib.sha256(json.dumps([BUILDER_VERSION, keyed, di.data_fingerprint(catalog), di.TEMPLATES],
-                                    sort_keys=True)
-                         .encode()).hexdigest()[:12]
+    name = tiny_name(catalog, **overrides)
+    key = name[len("tiny-"):]
     models = cache_root() / "models"
-    target = models / f"tiny-{key}"
+    target = models / name
     if not (target / "config.json").exists():
         legacy = [p for p in models.glob(f"tiny-*-{key}") if (p / "config.json").exists()] if models.is_dir() else []
         if legacy:  # a cache made before the folder was keyed by content only (tiny-<dataset>-<key>): the same

@@ -199,9 +199,15 @@ def _cli_value(v) -> str:
 class Stage:
     """One command line: `python <module>.py [command] --key=value ...`, equivalently <module>.<fn>(**kwargs)."""
 
-    def __init__(self, method, name, module, kwargs, done_file, command=None, deps=()):
+    def __init__(self, method, name, module, kwargs, done_file, command=None, deps=(), base=None):
         self.method, self.name, self.module, self.command = method, name, module, command
         self.kwargs, self.done_file, self.deps = kwargs, Path(done_file), list(deps)
+        self.base = base  # what the output depends on beyond the command line: base_identity, or None
+
+    def made_by(self, rec: dict | None) -> bool:
+        """Was the output of this record made by this stage: the same command line on the same base model
+        (`--base_model tiny` names a new model whenever the build recipe changes)?"""
+        return rec is not None and rec.get("command") == self.command_line() and rec.get("base") == self.base
 
     @property
     def key(self) -> str:
@@ -228,6 +234,20 @@ class Stage:
     def call(self):
         fn = getattr(importlib.import_module(self.module), self.command or "main")
         return fn(**copy.deepcopy(self.kwargs))
+
+
+def base_identity(base_model: str, dataset: str) -> str | None:
+    """The base model an LLM stage runs on, where its command line does not say it: for the embedded models
+    (`tiny`, `tiny-bpe`) the build recipe's name (modeling.tiny_name: builder version, options, data), so a
+    record made on an earlier build of `tiny` is not taken for this one's; None for a model folder (its path
+    is in the command) and smollm2-135m (one fixed conversion)."""
+    import modeling
+
+    if base_model == "tiny":
+        return modeling.tiny_name(dataset)
+    if base_model == "tiny-bpe":
+        return modeling.tiny_name(dataset, **modeling.TINY_BPE)
+    return None
 
 
 def resolve_settings(base_model="tiny", out=None, sft_rows=None, pref_rows=None, test_rows=None, quick=False,
@@ -314,6 +334,7 @@ def plan(settings: dict, methods=None, extra: dict = None) -> list[Stage]:
     s, quick = settings, settings["quick"]
     common = dict(base_model=s["base_model"], dataset=s["dataset"])
     sasrec_dir = o("sasrec", "model")
+    base = base_identity(s["base_model"], s["dataset"])  # the LLM stages' (sasrec and the baselines: none)
 
     def train_stage(m) -> Stage | None:
         spec = table[m]
@@ -340,7 +361,7 @@ def plan(settings: dict, methods=None, extra: dict = None) -> list[Stage]:
         if "start" in spec and kind != "softmax_dpo":  # softmax_dpo's own defaults are the budget
             kw.update(budget(quick))
         kw.update(flags)
-        return Stage(m, "train", kind, kw, Path(o(m, "final_checkpoint", "napo_run.json")), deps=deps)
+        return Stage(m, "train", kind, kw, Path(o(m, "final_checkpoint", "napo_run.json")), deps=deps, base=base)
 
     def eval_stages(m) -> list[Stage]:
         spec = table[m]
@@ -352,7 +373,8 @@ def plan(settings: dict, methods=None, extra: dict = None) -> list[Stage]:
                 kw = dict(common, resume_from_checkpoint=o(m, "final_checkpoint"), output_dir=o(m, f"{split}_{p}"),
                           protocol=p, split=split, max_test_samples=s["val_rows"], seed=s["seed"],
                           **{**stage_flags("inference", quick), **spec.get("eval_flags", {})})
-                stages.append(Stage(m, f"{split}_{p}", "inference", kw, metrics_file, deps=[f"{m}:train"]))
+                stages.append(Stage(m, f"{split}_{p}", "inference", kw, metrics_file, deps=[f"{m}:train"],
+                                    base=base))
                 continue
             metrics_file = o(m, f"eval_{p}", "metrics.json")
             if spec["stage"] == "sasrec":
@@ -368,7 +390,7 @@ def plan(settings: dict, methods=None, extra: dict = None) -> list[Stage]:
                 kw = dict(common, resume_from_checkpoint=o(m, "final_checkpoint"), output_dir=o(m, f"eval_{p}"),
                           protocol=p, max_test_samples=s["test_rows"], seed=s["seed"],
                           **{**stage_flags("inference", quick), **spec.get("eval_flags", {})})
-                stages.append(Stage(m, f"eval_{p}", "inference", kw, metrics_file, deps=[f"{m}:train"]))
+                stages.append(Stage(m, f"eval_{p}", "inference", kw, metrics_file, deps=[f"{m}:train"], base=base))
         return stages
 
     selected = select_methods(methods, table)
@@ -434,7 +456,7 @@ def stage_state(stage: Stage, out: Path, reran: set, records=None) -> str:
     under `records` was made by this command (plan_states decides whether it must be made again)."""
     if not (REPO_DIR / stage.done_file).exists():
         rec = _read_json(stage.committed_file(records)) if records else None
-        if rec is not None and rec.get("command") == stage.command_line() and not any(d in reran for d in stage.deps):
+        if stage.made_by(rec) and not any(d in reran for d in stage.deps):
             return "recorded"
         return "todo"
     if any(d in reran for d in stage.deps):
@@ -442,7 +464,7 @@ def stage_state(stage: Stage, out: Path, reran: set, records=None) -> str:
     rec = _read_json(stage.record_file(out))
     if rec is None and records:
         rec = _read_json(stage.committed_file(records))
-    if rec is not None and rec.get("command") != stage.command_line():
+    if rec is not None and not stage.made_by(rec):
         return "stale"
     return "done"  # no record: made outside reproduce.py; trusted
 
@@ -608,8 +630,7 @@ def run_seed(settings: dict, methods, isolate: bool, threads, dry_run: bool, nam
         if state == "done":
             rec = _read_json(st.record_file(out_dir))
             committed = _read_json(st.committed_file(records)) if records else None
-            if records and rec and (REPO_DIR / st.done_file).exists() and \
-                    (committed or {}).get("command") != st.command_line():
+            if records and rec and (REPO_DIR / st.done_file).exists() and not st.made_by(committed):
                 save_record(st, rec, records)  # finished before records existed: record it now
                 if commit:
                     commit_record(st, records, settings["seed"])
@@ -627,7 +648,7 @@ def run_seed(settings: dict, methods, isolate: bool, threads, dry_run: bool, nam
             if not isolate:
                 traceback.print_exc()
             continue
-        rec = {"stage": st.key, "command": st.command_line(), "seconds": round(seconds, 1),
+        rec = {"stage": st.key, "command": st.command_line(), "base": st.base, "seconds": round(seconds, 1),
                "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), "isolated": isolate,
                "threads": threads or os.environ.get("OMP_NUM_THREADS")}
         di.atomic_write_text(st.record_file(out_dir), json.dumps(rec, indent=2) + "\n")
@@ -812,7 +833,7 @@ def stage_output(st: Stage, out: Path, records=None) -> tuple[bool, dict, dict |
     if output is not None:
         return True, _read_json(st.record_file(out)) or {}, output
     committed = (_read_json(st.committed_file(records)) or {}) if records else {}
-    if committed.get("command") == st.command_line():
+    if st.made_by(committed):
         return True, committed, committed.get("run" if st.name == "train" else "metrics")
     return False, {}, None
 

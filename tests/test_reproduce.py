@@ -138,9 +138,14 @@ def test_plan_dependencies_and_stale_stages(tmp_path):
     ev.done_file.parent.mkdir(parents=True)
     ev.done_file.write_text("{}")
     assert reproduce.stage_state(ev, out, set()) == "done"
-    ev.record_file(out).write_text(json.dumps({"command": ev.command_line()}))
+    ev.record_file(out).write_text(json.dumps({"command": ev.command_line(), "base": ev.base}))
+    assert ev.base == reproduce.base_identity("tiny", "lastfm")
     assert reproduce.stage_state(ev, out, set()) == "done"
     assert reproduce.stage_state(ev, out, {"napo_k7:train"}) == "stale"
+    # the same command on another build of `tiny` (or a record that does not say which)
+    for other in ({"command": ev.command_line(), "base": "tiny-000000000000"}, {"command": ev.command_line()}):
+        ev.record_file(out).write_text(json.dumps(other))
+        assert reproduce.stage_state(ev, out, set()) == "stale"
     ev.record_file(out).write_text(json.dumps({"command": ev.command_line().replace("=clean", "=sdpo")}))
     assert reproduce.stage_state(ev, out, set()) == "stale"
 
@@ -331,6 +336,16 @@ def test_committed_records_let_a_fresh_clone_continue(tmp_path, monkeypatch):
     # after it run
     path = records / "sdpo" / "stage_train.json"
     path.write_text(path.read_text().replace("--learning_rate=", "--learning_rate=9"))
+    ran.clear()
+    reproduce.run_seed(one, "sdpo", False, None, False, False)
+    assert ran == ["sft:train", "sdpo:train", "sdpo:eval_clean", "sdpo:eval_sdpo"]
+    # nor one made by the same command on another build of `tiny` (its recipe changed since): the record says
+    # which build (modeling.tiny_name), and a fresh clone with another recipe runs the stages again
+    base = reproduce.base_identity("tiny", "lastfm")
+    assert base.startswith("tiny-") and json.loads(path.read_text())["base"] == base
+    shutil.rmtree(tmp_path / "runs")
+    for f in list(records.glob("*/stage_*.json")):
+        f.write_text(f.read_text().replace(f'"{base}"', '"tiny-000000000000"'))
     ran.clear()
     reproduce.run_seed(one, "sdpo", False, None, False, False)
     assert ran == ["sft:train", "sdpo:train", "sdpo:eval_clean", "sdpo:eval_sdpo"]
