@@ -42,6 +42,7 @@ TINY_DEFAULTS = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4
                      intermediate_size=688, bpe_vocab_size=2000, item_tokens=True,
                      pretrain_epochs=6, pretrain_lr=2e-3, pretrain_window=24, pretrain_recall=0.4,
                      pretrain_max_steps=None, pretrain_list_loss="set", pretrain_distill_start=None,
+                     pretrain_dense_copy=None,  # copy documents per window (pretraining_docs); None = none
                      pretrain_list_history=None, pretrain_length_pool=1, pretrain_pack=True, copy_head=True,
                      copy_next=None,  # True: the copy head's next-token votes too (tiny-bpe); None = off
                      bpe_colon_space=None,  # True: build_tiny_tokenizer's colon_space (tiny-bpe); None = off
@@ -224,7 +225,7 @@ def list_prompt(catalog, rng: random.Random, history=(3, 10), seqs=None, with_ne
 WINDOW_NEXT = ', "'  # what follows a window's last title when it goes on: `"A", "B"` + `, "` + next title
 
 
-def pretraining_docs(catalog, epochs, window, recall, seed, list_history=None) -> list[list[tuple]]:
+def pretraining_docs(catalog, epochs, window, recall, seed, list_history=None, dense_copy=None) -> list[list[tuple]]:
     """The documents of each pretraining epoch (deterministic), as (text, answer, candidate ids, history ids,
     history window):
     * listening windows (answer None: loss on every token): each train user's sequence cut into windows of
@@ -236,7 +237,11 @@ def pretraining_docs(catalog, epochs, window, recall, seed, list_history=None) -
       With list_history "train" the list prompts' histories are instead stretches of train users' sequences
       (list_prompt's `seqs`; the candidates stay random); "train+next" also makes one candidate the item that
       follows the stretch (as in an SFT prompt: the answer stays a uniform pick). The history window (the history written as a
-      listening window to be continued) is the "distill" teacher's input."""
+      listening window to be continued) is the "distill" teacher's input;
+    * copy documents (a `dense_copy` fraction of the windows' count on top, None = none): random titles written
+      as a list, then `Again:` and the same list, scored on the repeat only (answer, no candidates: weighted
+      with the windows) — dense copying, which a model this size learns at once, where the list prompts' one
+      answer token is a sparse signal (for titles that span several tokens: `--base_model tiny-bpe`)."""
     rng = random.Random(seed)
     seqs = user_sequences(catalog, "train")
     out = []
@@ -248,11 +253,15 @@ def pretraining_docs(catalog, epochs, window, recall, seed, list_history=None) -
             for a, b in zip(starts, starts[1:] + [len(s)]):
                 if b - a >= 2:
                     docs.append((di.quote_titles(catalog, s[a:b]), None, None, None, None))
+        n_windows = len(docs)
         for _ in range(int(recall * len(docs))):
             prompt, cands, hist = list_prompt(catalog, rng, seqs=seqs if list_history else None,
                                               with_next=list_history == "train+next")
             docs.append((prompt, di.answer_text(catalog, rng.choice(cands)), cands, hist,
                          di.quote_titles(catalog, hist) + WINDOW_NEXT))
+        for _ in range(int((dense_copy or 0) * n_windows)):
+            listed = di.quote_titles(catalog, rng.sample(range(catalog.n_items), rng.randint(5, 15)))
+            docs.append((f"Options: {listed}. Again:", f" {listed}", None, None, None))
         rng.shuffle(docs)
         out.append(docs)
     return out
@@ -301,6 +310,8 @@ def encode_doc(tokenizer, first_tokens, win_first, text, answer, cands, hist, hi
         ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         return ids, ids, None
     prompt, (ans,) = encode_prompt_answers(tokenizer, text, [answer])
+    if cands is None:  # a copy document: scored on its answer, with the windows
+        return prompt + ans, [-100] * len(prompt) + ans, None
     window = tokenizer(hist_window, add_special_tokens=False)["input_ids"]
     return prompt + ans, [-100] * len(prompt) + ans, ListDoc([first_tokens[c] for c in cands], window,
                                                              [win_first[c] for c in cands], cands, cands + hist)
@@ -486,7 +497,8 @@ def pretrain_batches(tokenizer, catalog, opts: dict, first_tokens=None, win_firs
     first_tokens = first_tokens or answer_first_tokens(tokenizer, catalog)
     win_first = win_first or window_first_tokens(tokenizer, catalog)
     return [b for docs in pretraining_docs(catalog, opts["pretrain_epochs"], opts["pretrain_window"],
-                                           opts["pretrain_recall"], opts["seed"], opts["pretrain_list_history"])
+                                           opts["pretrain_recall"], opts["seed"], opts["pretrain_list_history"],
+                                           opts.get("pretrain_dense_copy"))
             for b in length_batches([encode_doc(tokenizer, first_tokens, win_first, *d) for d in docs],
                                     PRETRAIN_BATCH, rng, opts["pretrain_length_pool"])]
 
@@ -605,6 +617,9 @@ def build_tiny(dataset="lastfm", output_dir=None, **overrides) -> Path:
         raise ModelError(f"pretrain_length_pool {opts['pretrain_length_pool']!r}: a whole number >= 1 (1 = no length sorting)")
     if opts["pretrain_pack"] not in (True, False):
         raise ModelError(f"pretrain_pack {opts['pretrain_pack']!r}: True (documents packed into rows) or False (one per row)")
+    c = opts["pretrain_dense_copy"]
+    if c is not None and (not isinstance(c, (int, float)) or not 0 <= c <= 1):
+        raise ModelError(f"pretrain_dense_copy {c!r}: None, or the number of copy documents per window (0..1)")
     f = opts["pretrain_distill_start"]
     if f is not None and (opts["pretrain_list_loss"] != "distill" or not isinstance(f, (int, float)) or not 0 <= f < 1):
         raise ModelError(f"pretrain_distill_start {f!r}: None, or with pretrain_list_loss 'distill' the share of the "

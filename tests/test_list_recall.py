@@ -315,3 +315,29 @@ def test_distill_start_freezes_a_copy_of_the_model_as_the_teacher(monkeypatch):
     with pytest.raises(modeling.ModelError, match="pretrain_distill_start"):
         modeling.build_tiny("lastfm", "/nonexistent", **{**SMALL, "pretrain_list_loss": "distill",
                                                          "pretrain_distill_start": 1.0})
+
+
+def test_dense_copy_documents_repeat_their_list_and_leave_the_default_docs_alone():
+    """pretrain_dense_copy: copy documents (a list, `Again:`, the same list) scored on the repeat only, whose
+    scored tokens are the listed ones again (titles tokenized alike, tiny-bpe's tokenizer); without the
+    option the documents are exactly the default build's."""
+    catalog = di.load_catalog("lastfm")
+    plain = modeling.pretraining_docs(catalog, 1, 24, 0.4, 0)[0]
+    assert modeling.pretraining_docs(catalog, 1, 24, 0.4, 0, dense_copy=None)[0] == plain
+    docs = modeling.pretraining_docs(catalog, 1, 24, 0.4, 0, dense_copy=0.25)[0]
+    copies = [d for d in docs if d[0].startswith("Options: ") and d[0].endswith(". Again:")]
+    n_windows = sum(d[1] is None for d in plain)
+    assert len(copies) == int(0.25 * n_windows) and len(docs) == len(plain) + len(copies)
+    tok = modeling.build_tiny_tokenizer(catalog, 2000, item_tokens=False, colon_space=True)
+    first, win_first = modeling.answer_first_tokens(tok, catalog), modeling.window_first_tokens(tok, catalog)
+    for d in copies[:20]:
+        listed = d[0][len("Options: "):-len(". Again:")]
+        assert d[1] == " " + listed and d[2:] == (None, None, None)
+        ids, labels, extra = modeling.encode_doc(tok, first, win_first, *d)
+        scored = [t for t, lab in zip(ids, labels) if lab != -100]
+        assert extra is None and scored[-1] == tok.eos_token_id
+        assert modeling.decode(tok, scored[:-1]) == " " + listed
+        prompt = ",".join(map(str, ids[:len(ids) - len(scored)]))
+        assert "," + ",".join(map(str, scored[1:-1])) + "," in prompt + ","  # after the space: a verbatim copy
+    with pytest.raises(modeling.ModelError, match="pretrain_dense_copy"):
+        modeling.build_tiny("lastfm", "/nonexistent", **{**SMALL, "pretrain_dense_copy": 2})
