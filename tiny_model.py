@@ -26,8 +26,8 @@ at the position before it (its predecessor: the last earlier position j attends 
 so a query whose answer so far matches a listed title's prefix lifts that title's next token.
 
 During cached generation the copy keys and ids of earlier positions ride on the cache object
-(`cache.napo_copy`, and `cache.napo_next` for the next-token votes); greedy and constrained decoding (inference.generate) give the same logits as a full
-forward (tests/test_tiny_model.py).
+(`cache.napo_copy`, and `cache.napo_next` for the next-token votes); greedy and constrained decoding
+(inference.generate) give the same logits as a full forward (tests/test_tiny_model.py).
 """
 from __future__ import annotations
 
