@@ -582,7 +582,7 @@ def build(dataset: str = "lastfm", steps: int = 12, warmup: int = 2, threads: in
     # --steps, --warmup and --threads are checked by cli.validated (cli.RULES) before this body runs
     catalog = di.load_catalog(dataset)
     opts = dict(modeling.TINY_DEFAULTS)
-    tokenizer = modeling.build_tiny_tokenizer(catalog, opts["bpe_vocab_size"], opts["item_tokens"], bool(opts.get("bpe_colon_space")))
+    tokenizer = modeling.tiny_tokenizer(catalog, opts)
     batches = modeling.pretrain_batches(tokenizer, catalog, opts)
     if len(batches) < warmup + steps:
         raise BenchmarkError(f"--steps {steps} + --warmup {warmup}: the build has only {len(batches)} steps")

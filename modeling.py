@@ -49,6 +49,8 @@ TINY_DEFAULTS = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4
                      probe_rows=500,
                      seed=0)
 TINY_BPE = dict(item_tokens=False, bpe_colon_space=True, copy_next=True)  # --base_model tiny-bpe
+# the embedded models by --base_model name: their build options on top of TINY_DEFAULTS
+EMBEDDED = {"tiny": {}, "tiny-bpe": TINY_BPE}
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUILDER_VERSION = 6  # bump when build_tiny changes what it produces
 
@@ -629,7 +631,7 @@ def build_tiny(dataset="lastfm", output_dir=None, **overrides) -> Path:
                          "train+next")
     catalog = di.load_catalog(dataset)
     torch.manual_seed(opts["seed"])
-    tokenizer = build_tiny_tokenizer(catalog, opts["bpe_vocab_size"], opts["item_tokens"], bool(opts["bpe_colon_space"]))
+    tokenizer = tiny_tokenizer(catalog, opts)
     model = new_tiny_llama(tokenizer, opts)
     profile = None
     if opts["pretrain_epochs"] > 0:
@@ -673,6 +675,16 @@ def tiny_name(dataset="lastfm", **overrides) -> str:
     key = hashlib.sha256(json.dumps([BUILDER_VERSION, keyed, di.data_fingerprint(catalog), di.TEMPLATES],
                                     sort_keys=True).encode()).hexdigest()[:12]
     return f"tiny-{key}"
+
+
+def embedded_name(base_model: str, dataset="lastfm") -> str | None:
+    """tiny_name of an embedded --base_model (`tiny`, `tiny-bpe`) without building it; None for any other."""
+    return tiny_name(dataset, **EMBEDDED[base_model]) if base_model in EMBEDDED else None
+
+
+def tiny_tokenizer(catalog: di.ItemCatalog, opts: dict):
+    """build_tiny_tokenizer with a build's options (TINY_DEFAULTS and overrides)."""
+    return build_tiny_tokenizer(catalog, opts["bpe_vocab_size"], opts["item_tokens"], bool(opts.get("bpe_colon_space")))
 
 
 def tiny_path(dataset="lastfm", **overrides) -> Path:
@@ -735,11 +747,8 @@ def check_base_model_option(base_model) -> None:
 
 
 def resolve_base_model(base_model: str = "tiny", dataset: str = "lastfm") -> Path:
-    if base_model == "tiny":
-        return tiny_path(dataset)
-    if base_model == "tiny-bpe":  # the embedded model without whole-title tokens (multi-token titles): titles in
-        # an answer tokenized as the listed title is, and the copy head's next-token votes to copy a title's rest
-        return tiny_path(dataset, **TINY_BPE)
+    if base_model in EMBEDDED:  # tiny-bpe: without whole-title tokens (multi-token titles, see TINY_BPE)
+        return tiny_path(dataset, **EMBEDDED[base_model])
     if base_model == "smollm2-135m":
         return smollm2_path()
     check_base_model_option(base_model)
@@ -855,7 +864,7 @@ def load_base_model(base_model="tiny", dataset="lastfm", quantize="auto", for_tr
         raise ModelError(f"--quantize {quantize!r}: choose auto, 4bit or none")
     path = resolve_base_model(base_model, dataset)
     tokenizer = load_tokenizer(path)
-    embedded = base_model in ("tiny", "tiny-bpe")
+    embedded = base_model in EMBEDDED
     kwargs = {}
     four_bit = False
     if use_cuda():

@@ -70,6 +70,15 @@ def binomial_halfwidth(p, n) -> float:
     return Z95 * math.sqrt(max(p * (1 - p), 0.0) / n) if n else float("nan")
 
 
+def sample_sd(values, single=0.0) -> float:
+    """The sample standard deviation (n-1) of `values`; `single` for fewer than two."""
+    values = list(values)
+    if len(values) < 2:
+        return single
+    m = sum(values) / len(values)
+    return math.sqrt(sum((x - m) ** 2 for x in values) / (len(values) - 1))
+
+
 def mean_std(dicts: list[dict]) -> tuple[dict, dict]:
     """The mean and the sample standard deviation (n-1; 0 for one dict) of every number found at the same
     place in all of `dicts` (nested dicts are followed; other values are taken from the first)."""
@@ -83,9 +92,8 @@ def mean_std(dicts: list[dict]) -> tuple[dict, dict]:
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 std[k] = 0.0
         elif all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in vals):
-            m = sum(vals) / len(vals)
-            mean[k] = m
-            std[k] = math.sqrt(sum((x - m) ** 2 for x in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+            mean[k] = sum(vals) / len(vals)
+            std[k] = sample_sd(vals)
         else:
             mean[k] = v
     return mean, std
@@ -171,7 +179,7 @@ def paired_pool(runs, pairs, what="hit", protocol="clean") -> dict | None:
         return None
     n = len(d)
     mean = sum(d) / n
-    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1)) if n > 1 else float("inf")
+    sd = sample_sd(d, single=float("inf"))
     se = sd / math.sqrt(n)
     return {"a": pairs[0][0] if len(pairs) == 1 else [p[0] for p in pairs],
             "b": pairs[0][1] if len(pairs) == 1 else [p[1] for p in pairs], "what": what, "n": n,

@@ -238,16 +238,12 @@ class Stage:
 
 def base_identity(base_model: str, dataset: str) -> str | None:
     """The base model an LLM stage runs on, where its command line does not say it: for the embedded models
-    (`tiny`, `tiny-bpe`) the build recipe's name (modeling.tiny_name: builder version, options, data), so a
+    (`tiny`, `tiny-bpe`) the build recipe's name (modeling.embedded_name: builder version, options, data), so a
     record made on an earlier build of `tiny` is not taken for this one's; None for a model folder (its path
     is in the command) and smollm2-135m (one fixed conversion)."""
     import modeling
 
-    if base_model == "tiny":
-        return modeling.tiny_name(dataset)
-    if base_model == "tiny-bpe":
-        return modeling.tiny_name(dataset, **modeling.TINY_BPE)
-    return None
+    return modeling.embedded_name(base_model, dataset)
 
 
 def resolve_settings(base_model="tiny", out=None, sft_rows=None, pref_rows=None, test_rows=None, quick=False,
@@ -263,11 +259,11 @@ def resolve_settings(base_model="tiny", out=None, sft_rows=None, pref_rows=None,
     if seeds is not None and int(seed) != SEED:
         raise di.DataError(f"--seed {seed} and --seeds {seeds}: give one of them (--seeds N is --seed N)")
     seed_list = parse_seeds(seeds if seeds is not None else seed, "--seeds" if seeds is not None else "--seed")
-    if quick and base_model == "tiny":  # the small model of tests/conftest.py, built once into the cache
-        import modeling
+    import modeling
 
+    if quick and base_model == "tiny":  # the small model of tests/conftest.py, built once into the cache
         base_model = _rel(modeling.tiny_path(dataset, **QUICK_MODEL))
-    elif base_model not in ("tiny", "tiny-bpe", "smollm2-135m"):
+    elif base_model not in modeling.BASE_MODEL_NAMES:  # a local model folder
         base_model = _rel(base_model)
     out = out or ("results/runs/quick" if quick else "results/runs")
     settings = {"base_model": base_model, "dataset": dataset, "seed": seed_list[0], "quick": bool(quick),
@@ -693,14 +689,12 @@ def sweep_candidates(families=None) -> dict:
 
 def select_sweep(rows: list[dict]) -> dict:
     """{family: the chosen row} by SWEEP_RULE; rows without a result are left out."""
+    def rank(r):  # smaller is better: the highest HR@1, then the smaller learning rate, then the smaller beta
+        return -r["val_hr1"], r["flags"].get("learning_rate", 0.0), r["flags"].get("beta", 0.0)
+
     chosen = {}
     for r in rows:
-        if r.get("val_hr1") is None:
-            continue
-        key = (-r["val_hr1"], r["flags"].get("learning_rate", 0.0), r["flags"].get("beta", 0.0))
-        best = chosen.get(r["family"])
-        if best is None or key < (-best["val_hr1"], best["flags"].get("learning_rate", 0.0),
-                                  best["flags"].get("beta", 0.0)):
+        if r.get("val_hr1") is not None and (r["family"] not in chosen or rank(r) < rank(chosen[r["family"]])):
             chosen[r["family"]] = r
     return chosen
 
@@ -821,7 +815,7 @@ def gamma_spread(logs: list[dict]) -> dict | None:
     mean = sum(means) / len(means)
     clamped = [h["napo/gamma_clamped"] for h in rows if "napo/gamma_clamped" in h]
     return {"min": min(mins), "max": max(maxs), "mean": mean,
-            "std": (sum((x - mean) ** 2 for x in means) / (len(means) - 1)) ** 0.5 if len(means) > 1 else 0.0,
+            "std": R.sample_sd(means),
             "range": sum(b - a for a, b in zip(mins, maxs)) / len(rows),
             "clamped": sum(clamped) / len(clamped) if clamped else None, "logged_steps": len(rows)}
 
