@@ -142,11 +142,23 @@ def paired(runs, a, b, what="hit", protocol="clean") -> dict | None:
     return paired_pool(runs, [(a, b)], what, protocol)
 
 
+# what paired_pool compares row by row: {what: (the per-row key it needs, its value from a row and the
+# popularity percentiles)}
+PAIRED_VALUES = {
+    "hit": ("top1_id", lambda r, pct: float(r["top1_id"] == r["target_id"])),
+    "pop": ("top1_id", lambda r, pct: pct[r["top1_id"]]),
+    "gen_hit": ("generated_id", lambda r, pct: float(r["generated_id"] == r["target_id"])),
+    "valid": ("generated_id", lambda r, pct: float(r["generated_id"] is not None)),
+}
+
+
 def paired_pool(runs, pairs, what="hit", protocol="clean") -> dict | None:
     """The paired differences a − b, pooled over every seed's run (`runs`: one settings dict or a list, as
     runs_of gives), every pair of methods in `pairs` [(a, b), ...] and every row both were evaluated on:
-    what = 'hit' (ranking HR@1: 1 if the top-1 item is the target, else 0) or 'pop' (popularity percentile
-    of the top-1 item). Returns the mean difference `diff`, its standard error se = sd / sqrt(n) over the n
+    what = one of PAIRED_VALUES: 'hit' (ranking HR@1: 1 if the top-1 item is the target, else 0), 'pop'
+    (popularity percentile of the top-1 item), 'gen_hit' (generative HR@1: 1 if free generation named the
+    target, else 0) or 'valid' (ValidRatio: 1 if it named exactly one candidate); a method evaluated without
+    free generation counts as not run for the last two. Returns the mean difference `diff`, its standard error se = sd / sqrt(n) over the n
     pooled differences (sd with n-1), the 95% half-width 1.96·se, and the minimum detectable difference
     mde = (1.96 + 0.84)·se ≈ 2.8·se: the true difference this run detects (two-sided, alpha 0.05) with 80%
     power. The pooled differences are treated as independent; the same test row under another seed is not
@@ -159,13 +171,13 @@ def paired_pool(runs, pairs, what="hit", protocol="clean") -> dict | None:
         seed_d = []
         for a, b in pairs:
             pa, pb = _predictions(settings, a, protocol), _predictions(settings, b, protocol)
-            if not pa or not pb:
+            if not pa or not pb or any(PAIRED_VALUES[what][0] not in next(iter(p.values())) for p in (pa, pb)):
                 continue
             if what == "pop" and pct is None:
                 pct = _percentiles(settings["dataset"])
 
             def val(r):
-                return float(r["top1_id"] == r["target_id"]) if what == "hit" else pct[r["top1_id"]]
+                return PAIRED_VALUES[what][1](r, pct)
 
             for i in sorted(set(pa) & set(pb)):
                 va, vb = val(pa[i]), val(pb[i])
@@ -443,6 +455,37 @@ def main_metrics_table(summary) -> str | None:
     return markdown_table(head, rows)
 
 
+# the main comparisons of the claims, repeated on the papers' metrics (free generation)
+MAIN_PAIRS = [("napo", "sdpo"), ("napo", "sft_cont"), ("sdpo", "sft_cont"), ("dpo", "sft_cont"),
+              ("napo", "sft"), ("sdpo", "sft"), ("dpo", "sft")]
+
+
+def generative_table(summary, protocol="clean") -> str | None:
+    """The main comparisons (MAIN_PAIRS) on free generation: generative HR@1 and ValidRatio, each as the
+    paired difference pooled over seeds and rows (paired_pool) with its 95% CI, the smallest detectable
+    difference and the verdict; None when no pair was evaluated by free generation."""
+    s, rows = runs_of(summary), []
+    for a, b in MAIN_PAIRS:
+        ps = [paired(s, a, b, what=w, protocol=protocol) for w in ("gen_hit", "valid")]
+        if all(p is None for p in ps):
+            continue
+        cells = [f"{get(summary['methods'], a, 'label') or a} − {get(summary['methods'], b, 'label') or b}"]
+        for p in ps:
+            cells += (["", "", ""] if p is None else
+                      [f"{p['a_mean']:.4f} − {p['b_mean']:.4f} = {_signed(p['diff'], '{:.4f}')} "
+                       f"± {p['halfwidth']:.4f}", f"{p['mde']:.4f}", verdict_of(p)])
+        rows.append(cells)
+    if not rows:
+        return None
+    n = next(p for p in (paired(s, a, b, what="valid", protocol=protocol) for a, b in MAIN_PAIRS) if p)
+    return (markdown_table(["comparison (a − b)", "gen HR@1: a − b ± 95% CI", "detectable", "verdict",
+                            "ValidRatio: a − b ± 95% CI", "detectable", "verdict"], rows) +
+            f"\n\nUnder `{protocol}`, free (unconstrained greedy) generation; each difference pools the per-row "
+            f"differences over {n['n_seeds']} seed(s) and the test rows (n = {n['n']} for a pair run at every "
+            "seed), as the claims below do for ranking; `supported` = a > b beyond the CI, `refuted` = a < b "
+            "beyond it; detectable = the smallest difference the run could detect (2.8 standard errors).")
+
+
 def gamma_table(summary) -> str | None:
     """The margin's spread per run (reproduce.gamma_spread): one row per method and seed; None when no run
     logged a margin."""
@@ -572,6 +615,8 @@ def results_markdown(summary, methods) -> str:
         "## Method comparison\n\n" + results_table(summary),
         *(["## Main methods: ranking and generation, both protocols\n\n" + main_metrics_table(summary)]
           if main_metrics_table(summary) else []),
+        *(["## Main methods: paired differences in free generation\n\n" + generative_table(summary)]
+          if generative_table(summary) else []),
         "## Claims\n\n" + claims_text(summary),
         *(["## The margin gamma per run\n\n" + gamma_table(summary)] if gamma_table(summary) else []),
         "## The `sdpo` candidate protocol leaks the answer\n\n" + leak_text(summary),
@@ -593,6 +638,8 @@ def readme_section(summary, methods, commands_md: str, assets_dir: Path, readme_
     parts = [_settings_and_missing(summary, methods), "### Method comparison\n\n" + results_table(summary)]
     if main_metrics_table(summary):
         parts.append("### Main methods: ranking and generation, both protocols\n\n" + main_metrics_table(summary))
+    if generative_table(summary):
+        parts.append("### Main methods: paired differences in free generation\n\n" + generative_table(summary))
     figs = []
     for name, (_, caption) in FIGURES.items():
         if (Path(assets_dir) / name).exists():

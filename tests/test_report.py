@@ -116,6 +116,51 @@ def test_paired_differences_pool_seeds_and_rows(tmp_path):
     assert v["sdpo>sft_cont"]["verdict"] == v["dpo>sft_cont"]["verdict"] == v["napo>sft"]["verdict"] == "not run"
 
 
+def _generated(folder, method, gen, rows_file=False):
+    """Hand-made per-row free-generation results: gen[i] = 1 names the target (7), 0 another candidate (9),
+    None no candidate (invalid); ranking always right."""
+    ids = [None if g is None else (7 if g else 9) for g in gen]
+    cols = {"index": list(range(len(gen))), "target_id": [7] * len(gen), "top1_id": [7] * len(gen),
+            "generated_id": ids}
+    if rows_file:
+        path = folder / method / "eval_clean.rows.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(cols))
+        return
+    path = folder / method / "eval_clean" / "predictions.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({k: cols[k][i] for k in cols}) + "\n" for i in range(len(gen))))
+
+
+def test_generative_paired_differences(tmp_path):
+    """gen HR@1 and ValidRatio compared row by row like ranking HR@1, pooled over seeds (run folder and
+    committed records alike); a method evaluated by ranking only is 'not run' there."""
+    s0, s1 = _two_seeds(tmp_path)
+    _generated(Path(s0["out"]), "napo", [1, 1, 0, 1])
+    _generated(Path(s0["out"]), "sdpo", [1, None, None, 0])
+    _generated(Path(s1["records"]), "napo", [1, 0, 1, 1], rows_file=True)
+    _generated(Path(s1["records"]), "sdpo", [None, 0, None, None], rows_file=True)
+    _predictions(Path(s0["out"]), "sft", [1, 1, 1, 1])  # ranking only: no generated_id
+    g = report.paired([s0, s1], "napo", "sdpo", what="gen_hit")
+    v = report.paired([s0, s1], "napo", "sdpo", what="valid")
+    assert (g["n"], g["a_mean"], g["b_mean"], g["diff"]) == (8, 6 / 8, 1 / 8, 5 / 8)
+    assert (v["a_mean"], v["b_mean"], v["diff"]) == (1.0, 3 / 8, 5 / 8)
+    assert [x["diff"] for x in v["per_seed"]] == [0.5, 0.75]
+    assert report.paired([s0, s1], "napo", "sft", what="gen_hit") is None
+    assert report.paired([s0, s1], "napo", "sft")["diff"] == 0.0  # ranking: both always right
+    summary = {"settings": {**s0, "seeds": [0, 1]}, "seed_runs": [s0, s1],
+               "methods": {"napo": {"label": "NAPO"}, "sdpo": {"label": "S-DPO"}}}
+    table = report.generative_table(summary).splitlines()
+    assert len(table) == 2 + 1 + 2  # header, separator, the one pair run by generation, blank, note
+    assert table[2].startswith("| NAPO − S-DPO | 0.7500 − 0.1250 = +0.6250 ± ")
+    assert table[2].count("| supported |") == 2
+    assert "over 2 seed(s)" in table[-1] and "n = 8" in table[-1]
+    assert report.generative_table({**summary, "seed_runs": [s0], "methods": {}}) is not None
+    _generated(Path(s0["out"]), "napo", [0, 0, 0, 0])
+    _generated(Path(s0["out"]), "sdpo", [1, 1, 1, 1])
+    assert "refuted" in report.generative_table({**summary, "seed_runs": [s0]}).splitlines()[2]
+
+
 def test_margin_claims_over_the_alpha_sweep(tmp_path):
     """(c): each alpha > 0 against the fixed margin, Bonferroni over the alphas run; (d): user vs batch margin
     pooled over the alphas both were run with."""
