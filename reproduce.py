@@ -172,6 +172,7 @@ METHODS = {
 # their evidence, so the table stays the one home of the flags a run uses.
 SWEEP_RULE = ("the highest validation ranking HR@1 under `clean`; ties go to the smaller learning rate, then "
               "the smaller beta (the cautious choice: the least movement away from the SFT adapter)")
+SWEEP_START = "sweep_start"  # the sweep's reference row: the SFT adapter itself on the validation rows
 SWEEP = {
     "dpo": dict(method="dpo", grid=dict(learning_rate=[3e-5, 1e-4, 3e-4], beta=[0.1, 1.0])),
     "sdpo": dict(method="sdpo", grid=dict(learning_rate=[3e-5, 1e-4, 3e-4], beta=[0.1, 1.0])),
@@ -336,6 +337,8 @@ def plan(settings: dict, methods=None, extra: dict = None) -> list[Stage]:
         spec = table[m]
         flags = dict(spec.get("flags", {}))
         kind = spec["stage"]
+        if "evaluates" in spec:  # evaluates another method's adapter: no training of its own
+            return None
         if kind == "sasrec":
             kw = dict(dataset=s["dataset"], output_dir=sasrec_dir, seed=s["seed"], **stage_flags("sasrec", quick))
             return Stage(m, "train", "sasrec", kw, Path(sasrec_dir) / "sasrec_config.json", command="train")
@@ -363,13 +366,15 @@ def plan(settings: dict, methods=None, extra: dict = None) -> list[Stage]:
         spec = table[m]
         stages = []
         split = spec.get("eval_split", "test")  # the sweep's candidates: "val", under `clean` only
+        adapter = spec.get("evaluates", m)  # whose adapter is evaluated (the sweep's start row: the SFT's)
         for p in spec.get("protocols", PROTOCOLS):
             if split != "test":
                 metrics_file = o(m, f"{split}_{p}", "metrics.json")
-                kw = dict(common, resume_from_checkpoint=o(m, "final_checkpoint"), output_dir=o(m, f"{split}_{p}"),
+                kw = dict(common, resume_from_checkpoint=o(adapter, "final_checkpoint"),
+                          output_dir=o(m, f"{split}_{p}"),
                           protocol=p, split=split, max_test_samples=s["val_rows"], seed=s["seed"],
                           **{**stage_flags("inference", quick), **spec.get("eval_flags", {})})
-                stages.append(Stage(m, f"{split}_{p}", "inference", kw, metrics_file, deps=[f"{m}:train"],
+                stages.append(Stage(m, f"{split}_{p}", "inference", kw, metrics_file, deps=[f"{adapter}:train"],
                                     base=base))
                 continue
             metrics_file = o(m, f"eval_{p}", "metrics.json")
@@ -383,10 +388,11 @@ def plan(settings: dict, methods=None, extra: dict = None) -> list[Stage]:
                           test_rows=s["test_rows"], output=metrics_file)
                 stages.append(Stage(m, f"eval_{p}", "reproduce", kw, metrics_file, command="baseline"))
             else:
-                kw = dict(common, resume_from_checkpoint=o(m, "final_checkpoint"), output_dir=o(m, f"eval_{p}"),
+                kw = dict(common, resume_from_checkpoint=o(adapter, "final_checkpoint"), output_dir=o(m, f"eval_{p}"),
                           protocol=p, max_test_samples=s["test_rows"], seed=s["seed"],
                           **{**stage_flags("inference", quick), **spec.get("eval_flags", {})})
-                stages.append(Stage(m, f"eval_{p}", "inference", kw, metrics_file, deps=[f"{m}:train"], base=base))
+                stages.append(Stage(m, f"eval_{p}", "inference", kw, metrics_file, deps=[f"{adapter}:train"],
+                                    base=base))
         return stages
 
     selected = select_methods(methods, table)
@@ -402,8 +408,9 @@ def plan(settings: dict, methods=None, extra: dict = None) -> list[Stage]:
         spec = table[m]
         if needs_sasrec(m, table):
             add(train_stage("sasrec"))
-        if "start" in spec:
-            add(train_stage(spec["start"]))
+        for dep in (spec.get("start"), spec.get("evaluates")):
+            if dep:
+                add(train_stage(dep))
         add(train_stage(m))
         for st in eval_stages(m):
             add(st)
@@ -673,7 +680,10 @@ def sweep_candidates(families=None) -> dict:
         unknown = [f for f in names if f not in SWEEP]
         if unknown:
             raise di.DataError(f"--families: unknown {', '.join(unknown)} (choose from {', '.join(SWEEP)})")
-    out = {}
+    # the adapter every candidate starts from, evaluated the same way: the reference a candidate must beat
+    out = {SWEEP_START: dict(stage="sft", evaluates="sft", family="start", sweep={}, group="sweep",
+                             label="SFT adapter (every candidate's start; no further training)",
+                             eval_split="val", protocols=(PROTOCOLS[0],), eval_flags=RANKING_ONLY)}
     for fam in names:
         spec, grid = METHODS[SWEEP[fam]["method"]], SWEEP[fam]["grid"]
         for values in itertools.product(*grid.values()):
@@ -694,7 +704,8 @@ def select_sweep(rows: list[dict]) -> dict:
 
     chosen = {}
     for r in rows:
-        if r.get("val_hr1") is not None and (r["family"] not in chosen or rank(r) < rank(chosen[r["family"]])):
+        if r["family"] != "start" and r.get("val_hr1") is not None and (
+                r["family"] not in chosen or rank(r) < rank(chosen[r["family"]])):
             chosen[r["family"]] = r
     return chosen
 
@@ -726,7 +737,8 @@ def sweep(families=None, quick: bool = False, base_model: str = "tiny", out: str
         done, _, res = stage_output(st, REPO_DIR / one["out"], one.get("records"))
         rows.append({"family": spec["family"], "method": name, "flags": spec["sweep"],
                      "val_hr1": R.get(res, *R.PRIMARY) if done else None, "val_rows": R.get(res, "n_rows"),
-                     "command": next(x for x in stages if x.key == f"{name}:train").command_line()})
+                     "command": next(x for x in stages if x.key == f"{spec.get('evaluates', name)}:train")
+                     .command_line()})
     result = {"settings": settings, "rule": SWEEP_RULE,
               "candidates": rows, "chosen": {f: r["method"] for f, r in select_sweep(rows).items()}}
     results, _ = _default_dirs(settings, results_dir, None)

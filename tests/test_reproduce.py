@@ -409,18 +409,19 @@ def test_validation_sweep_reads_only_the_validation_split(tmp_path, monkeypatch)
     validation HR@1, ties to the smaller learning rate (then the smaller beta)."""
     ran = []
     hits = {"sweep_dpo_lr3e-05_beta0.1": [1, 0, 0, 0], "sweep_dpo_lr0.0003_beta1.0": [1, 1, 1, 0],
-            "sweep_sft_cont_lr0.0001": [1, 1, 0, 0], "sweep_sft_cont_lr0.001": [1, 1, 0, 0]}
+            "sweep_sft_cont_lr0.0001": [1, 1, 0, 0], "sweep_sft_cont_lr0.001": [1, 1, 0, 0],
+            "sweep_start": [1, 1, 1, 1]}  # the start is better than every candidate, and is never chosen
     monkeypatch.setattr(reproduce, "run_stage", _fake_stage(ran, hits))
     results = tmp_path / "results"
     res = reproduce.sweep(families="dpo,sft_cont", out=str(tmp_path / "runs"), results_dir=str(results),
                           val_rows=4, isolate=False)
-    assert len(res["candidates"]) == 6 + 3 and res["chosen"] == {"dpo": "sweep_dpo_lr0.0003_beta1.0",
+    assert len(res["candidates"]) == 1 + 6 + 3 and res["chosen"] == {"dpo": "sweep_dpo_lr0.0003_beta1.0",
                                                                   "sft_cont": "sweep_sft_cont_lr0.0001"}
     assert ran[0] == "sft:train" and not any(":eval_" in k for k in ran)
     stages = reproduce.plan(reproduce.seed_runs(res["settings"])[0], list(reproduce.sweep_candidates("dpo,sft_cont")),
                             reproduce.sweep_candidates("dpo,sft_cont"))
     evals = [st for st in stages if st.module == "inference"]
-    assert len(evals) == 9 and all("--split=val --max_test_samples=4 " in st.command_line() for st in evals)
+    assert len(evals) == 1 + 9 and all("--split=val --max_test_samples=4 " in st.command_line() for st in evals)
     assert all("--protocol=clean" in st.command_line() and "--generative=False" in st.command_line() for st in evals)
     train = next(st for st in stages if st.key == "sweep_dpo_lr0.0003_beta1.0:train").command_line()
     assert "--learning_rate=0.0003" in train and "--beta=1.0" in train and train.count("--learning_rate=") == 1
@@ -430,7 +431,12 @@ def test_validation_sweep_reads_only_the_validation_split(tmp_path, monkeypatch)
                                                                                0.0, 4)
     assert json.loads((results / "sweep.json").read_text())["chosen"] == res["chosen"]
     md = (results / "sweep.md").read_text()
-    assert "| dpo | **`sweep_dpo_lr0.0003_beta1.0`** | learning_rate=0.0003, beta=1 | 0.7500 | 4 |" in md
+    assert "| dpo | **`sweep_dpo_lr0.0003_beta1.0`** | learning_rate=0.0003, beta=1 | 0.7500 | −0.2500 | 4 |" in md
+    assert "| start | `sweep_start` |  | 1.0000 |  | 4 |" in md
+    start = next(st for st in stages if st.key == "sweep_start:val_clean").command_line()
+    assert "--resume_from_checkpoint=" in start and "/runs/sft/final_checkpoint " in start
+    assert "--output_dir=" in start and "/runs/sweep_start/val_clean " in start
+    assert not any(st.key == "sweep_start:train" for st in stages) and ran.count("sft:train") == 1
     assert "ties go to the smaller learning rate" in md
     # ties on beta too; rows without a result are left out
     rows = [{"family": "f", "method": m, "flags": {"learning_rate": lr, "beta": b}, "val_hr1": v}
