@@ -433,6 +433,8 @@ def test_validation_sweep_reads_only_the_validation_split(tmp_path, monkeypatch)
     md = (results / "sweep.md").read_text()
     assert "| dpo | **`sweep_dpo_lr0.0003_beta1.0`** | learning_rate=0.0003, beta=1 | 0.7500 | −0.2500 | 4 |" in md
     assert "| start | `sweep_start` |  | 1.0000 |  | 4 |" in md
+    assert ("edge of the grid (the best setting may lie beyond it): dpo: learning_rate=0.0003 is the largest value "
+            "tried; sft_cont: learning_rate=0.0001 is the smallest value tried.") in md  # beta: two values only
     start = next(st for st in stages if st.key == "sweep_start:val_clean").command_line()
     assert "--resume_from_checkpoint=" in start and "/runs/sft/final_checkpoint " in start
     assert "--output_dir=" in start and "/runs/sweep_start/val_clean " in start
