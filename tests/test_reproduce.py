@@ -200,7 +200,10 @@ def test_defaults_have_one_source():
 
     params = inspect.signature(softmax_dpo.main).parameters
     assert {k: params[k].default for k in asdict(NAPOConfig())} == asdict(NAPOConfig())
-    assert reproduce.NAPO.items() <= asdict(NAPOConfig()).items()
+    # NAPO = NAPOConfig's defaults, but for the settings chosen on validation (TUNED)
+    assert {k: v for k, v in reproduce.NAPO.items() if k not in reproduce.TUNED["napo"]}.items() \
+        <= asdict(NAPOConfig()).items()
+    assert reproduce.NAPO.items() >= reproduce.TUNED["napo"].items()
     for stage, table in reproduce.STAGE_FLAGS.items():
         defaults = reproduce.stage_defaults(stage)
         flags = reproduce.stage_flags(stage, quick=False)
@@ -473,3 +476,24 @@ def test_commit_records_commits_only_the_records(tmp_path, monkeypatch):
         "results/records/seed0/sft/eval_clean.rows.json", "results/records/seed0/sft/stage_eval_clean.json"]
     assert git("diff", "--cached", "--name-only").split() == ["mine.py"]  # still staged, not committed
     assert git("show", "HEAD:mine.py") == "x = 1\n"
+
+
+def test_tuned_settings_are_the_committed_sweeps_choice():
+    """TUNED (the flags the methods run with) is what the committed validation sweep chose, for the settings the
+    main run uses, and every method of a family runs with its family's choice."""
+    sweep = json.loads((reproduce.REPO_DIR / "results" / "sweep.json").read_text())
+    s = sweep["settings"]
+    assert (s["base_model"], s["dataset"], s["pref_rows"], s["sft_rows"], s["quick"]) == (
+        "tiny", reproduce.DATASET, reproduce.SCALE["pref_rows"], reproduce.SCALE["sft_rows"], False)
+    assert s["val_rows"] == -1 and not any("test" in str(r["command"]) for r in sweep["candidates"])
+    flags = {r["method"]: r["flags"] for r in sweep["candidates"]}
+    assert set(sweep["chosen"]) == set(reproduce.TUNED) == set(reproduce.SWEEP)
+    for fam, m in sweep["chosen"].items():
+        assert reproduce.TUNED[fam] == flags[m], fam
+    family = {"dpo": "dpo", "sft_cont": "sft_cont"}
+    family.update({m: "sdpo" for m, spec in reproduce.METHODS.items() if spec["label"].startswith("S-DPO")})
+    family.update({m: "napo" for m, spec in reproduce.METHODS.items() if spec["label"].startswith("NAPO")})
+    assert len([m for m in family if m.startswith("napo")]) >= 10
+    for m, fam in family.items():
+        run = {k: v for k, v in reproduce.METHODS[m]["flags"].items() if k in reproduce.TUNED[fam]}
+        assert run == reproduce.TUNED[fam], m
