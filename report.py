@@ -533,8 +533,8 @@ def sweep_markdown(result) -> str:
         f"Base model `{s['base_model']}`, dataset `{s['dataset']}`, seed {s['seed']}; preference rows "
         f"{s['pref_rows']}, validation rows {'all' if s['val_rows'] < 0 else s['val_rows']} (ranking HR@1 under "
         f"`clean`; the test split is never read).",
-        f"Selection rule: {result['rule']}. The chosen settings (bold) are copied into `STAGE_FLAGS` / "
-        f"`METHODS` of `reproduce.py` by hand.",
+        f"Selection rule: {result['rule']}. The chosen settings (bold) are copied into `TUNED` of "
+        f"`reproduce.py` by hand (a test checks that they agree).",
         "Family `start` is the SFT adapter every candidate starts from, evaluated the same way (no training): "
         "`vs start` is a candidate's difference from it.",
         markdown_table(["family", "candidate", "settings", "val rank HR@1", "vs start", "val rows"], rows,

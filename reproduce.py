@@ -179,8 +179,8 @@ METHODS = {
 
 # The validation sweep (`python reproduce.py sweep`): per method family, the candidate settings tried on the
 # validation split (never on test), each a copy of the family's method with these flags, chosen by SWEEP_RULE
-# (select_sweep). The chosen values are copied into STAGE_FLAGS / METHODS by hand, with results/sweep.md as
-# their evidence, so the table stays the one home of the flags a run uses.
+# (select_sweep). The chosen values are copied into TUNED (above) by hand, with results/sweep.md as their
+# evidence, so the table stays the one home of the flags a run uses (a test compares the two).
 SWEEP_RULE = ("the highest validation ranking HR@1 under `clean`; ties go to the smaller learning rate, then "
               "the smaller beta (the cautious choice: the least movement away from the SFT adapter)")
 SWEEP_START = "sweep_start"  # the sweep's reference row: the SFT adapter itself on the validation rows

@@ -482,6 +482,7 @@ def test_tuned_settings_are_the_committed_sweeps_choice():
     """TUNED (the flags the methods run with) is what the committed validation sweep chose, for the settings the
     main run uses, and every method of a family runs with its family's choice."""
     sweep = json.loads((reproduce.REPO_DIR / "results" / "sweep.json").read_text())
+    assert reproduce.R.sweep_markdown(sweep) == (reproduce.REPO_DIR / "results" / "sweep.md").read_text()
     s = sweep["settings"]
     assert (s["base_model"], s["dataset"], s["pref_rows"], s["sft_rows"], s["quick"]) == (
         "tiny", reproduce.DATASET, reproduce.SCALE["pref_rows"], reproduce.SCALE["sft_rows"], False)
