@@ -158,8 +158,8 @@ def paired_pool(runs, pairs, what="hit", protocol="clean") -> dict | None:
     what = one of PAIRED_VALUES: 'hit' (ranking HR@1: 1 if the top-1 item is the target, else 0), 'pop'
     (popularity percentile of the top-1 item), 'gen_hit' (generative HR@1: 1 if free generation named the
     target, else 0) or 'valid' (ValidRatio: 1 if it named exactly one candidate); a method evaluated without
-    free generation counts as not run for the last two. Returns the mean difference `diff`, its standard error se = sd / sqrt(n) over the n
-    pooled differences (sd with n-1), the 95% half-width 1.96·se, and the minimum detectable difference
+    free generation counts as not run for the last two. Returns the mean difference `diff`, its standard
+    error se = sd / sqrt(n) over the n pooled differences (sd with n-1), the 95% half-width 1.96·se, and the minimum detectable difference
     mde = (1.96 + 0.84)·se ≈ 2.8·se: the true difference this run detects (two-sided, alpha 0.05) with 80%
     power. The pooled differences are treated as independent; the same test row under another seed is not
     quite (the rows' difficulty is shared), so `per_seed` (each seed's mean difference) shows the spread
