@@ -159,11 +159,11 @@ def paired_pool(runs, pairs, what="hit", protocol="clean") -> dict | None:
     (popularity percentile of the top-1 item), 'gen_hit' (generative HR@1: 1 if free generation named the
     target, else 0) or 'valid' (ValidRatio: 1 if it named exactly one candidate); a method evaluated without
     free generation counts as not run for the last two. Returns the mean difference `diff`, its standard
-    error se = sd / sqrt(n) over the n pooled differences (sd with n-1), the 95% half-width 1.96·se, and the minimum detectable difference
-    mde = (1.96 + 0.84)·se ≈ 2.8·se: the true difference this run detects (two-sided, alpha 0.05) with 80%
-    power. The pooled differences are treated as independent; the same test row under another seed is not
-    quite (the rows' difficulty is shared), so `per_seed` (each seed's mean difference) shows the spread
-    between seeds as well. None when no pair was evaluated on a common row."""
+    error se = sd / sqrt(n) over the n pooled differences (sd with n-1), the 95% half-width 1.96·se, and the
+    minimum detectable difference mde = (1.96 + 0.84)·se ≈ 2.8·se: the true difference this run detects
+    (two-sided, alpha 0.05) with 80% power. The pooled differences are treated as independent; the same test
+    row under another seed is not quite (the rows' difficulty is shared), so `per_seed` (each seed's mean
+    difference) shows the spread between seeds as well. None when no pair was evaluated on a common row."""
     runs = [runs] if isinstance(runs, dict) else list(runs)
     d, a_vals, b_vals, per_seed = [], [], [], []
     pct = None
@@ -246,6 +246,15 @@ def _bonferroni_z(k: int) -> float:
     return NormalDist().inv_cdf(1 - 0.05 / (2 * k)) if k > 1 else Z95
 
 
+# the main comparisons (a, b): the first claims on ranking, and the free-generation table on the papers' metrics
+MAIN_PAIRS = [("napo", "sdpo"), ("napo", "sft_cont"), ("sdpo", "sft_cont"), ("dpo", "sft_cont"),
+              ("napo", "sft"), ("sdpo", "sft"), ("dpo", "sft")]
+SHORT_NAMES = {"napo": "NAPO", "sdpo": "S-DPO", "dpo": "DPO", "sft_cont": "SFT continued", "sft": "SFT"}
+MAIN_CLAIMS = {"sdpo": "{a} is more accurate than S-DPO",  # the claim a > b, by b
+               "sft_cont": "{a} beats SFT continued on the same rows and steps",
+               "sft": "{a} improves on the SFT adapter it starts from"}
+
+
 def claims(summary) -> list[dict]:
     """Per-claim verdicts from the numbers (clean protocol, ranking HR@1). A difference counts when it is
     larger than its 95% paired confidence half-width, from the per-row differences pooled over the seeds'
@@ -259,19 +268,12 @@ def claims(summary) -> list[dict]:
     def label(m):
         return get(methods, m, "label") or m
 
-    # headline
-    p = paired(s, "napo", "sdpo")
-    claim("napo>sdpo", "NAPO is more accurate than S-DPO", verdict_of(p), f"NAPO vs S-DPO, {_fmt_pair(p)}")
-
-    # preference optimisation vs more SFT on the same rows and steps (sft_cont), and vs the SFT it starts from
-    for m, name in (("napo", "NAPO"), ("sdpo", "S-DPO"), ("dpo", "DPO")):
-        p = paired(s, m, "sft_cont")
-        claim(f"{m}>sft_cont", f"{name} beats SFT continued on the same rows and steps", verdict_of(p),
-              f"{name} vs SFT continued, {_fmt_pair(p)}")
-    for m, name in (("napo", "NAPO"), ("sdpo", "S-DPO"), ("dpo", "DPO")):
-        p = paired(s, m, "sft")
-        claim(f"{m}>sft", f"{name} improves on the SFT adapter it starts from", verdict_of(p),
-              f"{name} vs SFT, {_fmt_pair(p)}")
+    # the headline, then preference optimisation vs more SFT on the same rows and steps (sft_cont) and vs the
+    # SFT adapter it starts from
+    for a, b in MAIN_PAIRS:
+        p = paired(s, a, b)
+        claim(f"{a}>{b}", MAIN_CLAIMS[b].format(a=SHORT_NAMES[a]), verdict_of(p),
+              f"{SHORT_NAMES[a]} vs {SHORT_NAMES[b]}, {_fmt_pair(p)}")
 
     # (a) more negatives help: the S-DPO K sweep
     series = [(methods[m]["num_negatives"], m) for m in SWEEPS["K"]["S-DPO"] if hr1(summary, m) is not None]
@@ -455,20 +457,16 @@ def main_metrics_table(summary) -> str | None:
     return markdown_table(head, rows)
 
 
-# the main comparisons of the claims, repeated on the papers' metrics (free generation)
-MAIN_PAIRS = [("napo", "sdpo"), ("napo", "sft_cont"), ("sdpo", "sft_cont"), ("dpo", "sft_cont"),
-              ("napo", "sft"), ("sdpo", "sft"), ("dpo", "sft")]
-
-
 def generative_table(summary, protocol="clean") -> str | None:
     """The main comparisons (MAIN_PAIRS) on free generation: generative HR@1 and ValidRatio, each as the
     paired difference pooled over seeds and rows (paired_pool) with its 95% CI, the smallest detectable
     difference and the verdict; None when no pair was evaluated by free generation."""
-    s, rows = runs_of(summary), []
+    s, rows, n = runs_of(summary), [], None
     for a, b in MAIN_PAIRS:
         ps = [paired(s, a, b, what=w, protocol=protocol) for w in ("gen_hit", "valid")]
         if all(p is None for p in ps):
             continue
+        n = n or next(p for p in ps if p)
         cells = [f"{get(summary['methods'], a, 'label') or a} − {get(summary['methods'], b, 'label') or b}"]
         for p in ps:
             cells += (["", "", ""] if p is None else
@@ -477,7 +475,6 @@ def generative_table(summary, protocol="clean") -> str | None:
         rows.append(cells)
     if not rows:
         return None
-    n = next(p for p in (paired(s, a, b, what="valid", protocol=protocol) for a, b in MAIN_PAIRS) if p)
     return (markdown_table(["comparison (a − b)", "gen HR@1: a − b ± 95% CI", "detectable", "verdict",
                             "ValidRatio: a − b ± 95% CI", "detectable", "verdict"], rows) +
             f"\n\nUnder `{protocol}`, free (unconstrained greedy) generation; each difference pools the per-row "
