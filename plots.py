@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402,F401  (FuncFormatter for the log axis)
 from matplotlib.patches import Circle, FancyArrowPatch, FancyBboxPatch, Rectangle  # noqa: E402
 
-from report import FIGURES, binomial_halfwidth, metric as _metric  # noqa: E402
+from report import FIGURES, binomial_halfwidth, get, metric as _metric, on_common_seeds, seed_values  # noqa: E402
 
 # ---------------------------------------------------------------------------
 # Shared drawing helpers
@@ -340,7 +340,9 @@ CURVE_COLORS = {"dpo": "#888888", "sdpo": "#c07a12", "napo": "#6a1f80", "napo_no
 def _run_note(summary):
     s = summary.get("settings", {})
     rows = "all" if s.get("test_rows", -1) < 0 else s.get("test_rows")
-    return f"model {s.get('base_model', '?')}, seed {s.get('seed', '?')}, test rows: {rows}" + \
+    seeds = s.get("seeds") or [s.get("seed", "?")]
+    return f"model {s.get('base_model', '?')}, seed{'s' if len(seeds) > 1 else ''} " \
+        f"{', '.join(map(str, seeds))}, test rows: {rows}" + \
         ("  (--quick: plumbing check, numbers mean nothing)" if s.get("quick") else "")
 
 
@@ -352,8 +354,10 @@ def _save(fig, path):
 
 
 def plot_hr1_by_method(summary, path="assets/results_hr1_by_method.png"):
-    """Horizontal bars: ranking HR@1 of each method under `clean` and `sdpo` candidates (95% CI on each);
-    baselines, methods, ablations, then the rows that show the sdpo leak."""
+    """Horizontal bars: ranking HR@1 of each method under `clean` and `sdpo` candidates, the mean over the
+    seeds that ran it; error bars: ± the standard deviation over the seeds where there are several (each
+    seed's value a dot), else the 95% binomial CI of the one run; baselines, methods, ablations, then the rows
+    that show the sdpo leak."""
     groups = ("baseline", "main", "ablation", "leak")
     methods = [m for m, e in summary["methods"].items()
                if e["group"] in groups and _metric(summary, m, "clean", "ranking", "hr@1") is not None]
@@ -372,7 +376,12 @@ def plot_hr1_by_method(summary, path="assets/results_hr1_by_method.png"):
             n = _metric(summary, m, proto, "n_rows") or 0
             ys.append(i + (j - 0.5) * h)
             vals.append(v)
-            errs.append(binomial_halfwidth(v, n))  # NaN without rows: no error bar is drawn
+            per_seed = seed_values(summary, m, proto)
+            if len(per_seed) > 1:
+                errs.append(get(summary["methods"][m], "eval_std", proto, "ranking", "hr@1") or 0.0)
+                ax.plot(list(per_seed.values()), [ys[-1]] * len(per_seed), "o", ms=2.5, color="#222222", zorder=3)
+            else:
+                errs.append(binomial_halfwidth(v, n))  # NaN without rows: no error bar is drawn
         ax.barh(ys, vals, height=h, xerr=errs, color=PROTOCOL_COLORS[proto], ecolor="#444444", capsize=2,
                 error_kw={"lw": 0.9}, label=f"{proto} candidates" + (" (claims)" if proto == "clean" else
                                                                      " (published, leaks the answer)"))
@@ -387,7 +396,8 @@ def plot_hr1_by_method(summary, path="assets/results_hr1_by_method.png"):
     ax.set_yticklabels([summary["methods"][m]["label"] for m in methods], fontsize=9)
     ax.set_ylim(len(methods) - 0.45, -1.0)
     ax.set_xlim(0, 1.12)
-    ax.set_xlabel("ranking HR@1 (20 candidates; error bars: 95% binomial CI)")
+    ax.set_xlabel("ranking HR@1 (20 candidates; several seeds: mean, ± std over seeds, a dot per seed; "
+                  "one seed: 95% binomial CI)", fontsize=8.5)
     ax.set_title("HR@1 by method and candidate protocol", fontsize=12, fontweight="bold", loc="left")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.09 - 0.35 / height), ncol=2, fontsize=8.5, frameon=False)
     ax.text(0, -1.3 / height, _run_note(summary), transform=ax.transAxes, fontsize=7.5, color="#777777", va="top")
@@ -398,14 +408,16 @@ def plot_hr1_by_method(summary, path="assets/results_hr1_by_method.png"):
 
 def plot_hr1_vs_negatives(summary, path="assets/results_hr1_vs_negatives.png"):
     """HR@1 (clean) against the negatives per example: S-DPO's K own negatives vs NAPO's equivalent negatives
-    (own + shared, read from its training log), one point per K."""
+    (own + shared, read from its training log), one point per K; each series read at the seeds all its runs
+    share (report.on_common_seeds)."""
     fig, ax = plt.subplots(figsize=(7, 4.4))
     drawn = False
     for name, series in summary.get("sweeps", {}).get("K", {}).items():
         pts = []
+        at, seeds = on_common_seeds(summary, series)
         for m in series:
             e = summary["methods"].get(m)
-            v = _metric(summary, m, "clean", "ranking", "hr@1")
+            v = at.get(m)
             if e is None or v is None:
                 continue
             x = e.get("equivalent_negatives") or e.get("num_negatives")
@@ -420,7 +432,8 @@ def plot_hr1_vs_negatives(summary, path="assets/results_hr1_vs_negatives.png"):
         c = SERIES_COLORS.get(name, None)
         ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], color=c, marker="o",
                     lw=1.8, capsize=3, label=name + (" (own K negatives)" if name == "S-DPO" else
-                                                     " (own + shared = equivalent negatives)"))
+                                                     " (own + shared = equivalent negatives)") +
+                    f", seed{'s' if len(seeds) > 1 else ''} {', '.join(seeds)}")
         for x, v, _, k in pts:
             ax.annotate(f"K={k}", (x, v), textcoords="offset points", xytext=(5, 6), fontsize=8, color=c)
     if not drawn:

@@ -99,6 +99,30 @@ def mean_std(dicts: list[dict]) -> tuple[dict, dict]:
     return mean, std
 
 
+def seed_values(summary, m, protocol="clean", path=PRIMARY) -> dict:
+    """{seed: value} of one method's metric (default ranking HR@1) at each seed that evaluated it (the
+    per-seed entries of a summary over several seeds); a one-seed summary: {its seed: the value}; {} when
+    not evaluated."""
+    e = summary["methods"].get(m) or {}
+    if "seeds" in e:
+        vals = {str(s): get(x, "eval", protocol, *path) for s, x in e["seeds"].items()}
+    else:
+        vals = {str(get(summary, "settings", "seed")): metric(summary, m, protocol, *path)}
+    return {s: v for s, v in vals.items() if v is not None}
+
+
+def on_common_seeds(summary, methods, protocol="clean", path=PRIMARY) -> tuple[dict, list]:
+    """({method: mean of the metric over the seeds every one of `methods` was evaluated at}, those seeds), so
+    a series (a sweep) is compared seed for seed: a method run at seeds 0-2 and one at seed 0 only are both
+    read at seed 0. Methods not evaluated at all are left out; ({}, []) when the rest share no seed."""
+    vals = {m: seed_values(summary, m, protocol, path) for m in methods}
+    vals = {m: v for m, v in vals.items() if v}
+    seeds = sorted(set.intersection(*(set(v) for v in vals.values())), key=str) if vals else []
+    if not seeds:
+        return {}, []
+    return {m: sum(v[s] for s in seeds) / len(seeds) for m, v in vals.items()}, seeds
+
+
 def runs_of(summary) -> list[dict]:
     """The settings of each seed's chain (reproduce.seed_run); a summary from before seeds: its one run."""
     return summary.get("seed_runs") or [summary["settings"]]
@@ -276,18 +300,19 @@ def claims(summary) -> list[dict]:
               f"{SHORT_NAMES[a]} vs {SHORT_NAMES[b]}, {_fmt_pair(p)}")
 
     # (a) more negatives help: the S-DPO K sweep
-    series = [(methods[m]["num_negatives"], m) for m in SWEEPS["K"]["S-DPO"] if hr1(summary, m) is not None]
+    at, seeds = on_common_seeds(summary, SWEEPS["K"]["S-DPO"])
+    series = [(methods[m]["num_negatives"], m) for m in SWEEPS["K"]["S-DPO"] if m in at]
     if len(series) >= 2:
-        vals = [(k, hr1(summary, m)) for k, m in series]
-        p = paired(s, series[-1][1], series[0][1])
+        vals = [(k, at[m]) for k, m in series]
+        p = paired([r for r in s if str(r.get("seed")) in seeds], series[-1][1], series[0][1])
         mono = all(b[1] >= a[1] for a, b in zip(vals, vals[1:]))
-        ev = ("S-DPO HR@1 by K: " + ", ".join(f"K={k}: {v:.4f}" for k, v in vals) +
+        ev = (f"S-DPO HR@1 by K ({_at_seeds(seeds)}): " + ", ".join(f"K={k}: {v:.4f}" for k, v in vals) +
               f" ({'non-decreasing' if mono else 'not monotone'}); K={series[-1][0]} vs K={series[0][0]}, "
               + _fmt_pair(p))
-        nap = [(methods[m].get("equivalent_negatives"), hr1(summary, m)) for m in SWEEPS["K"]["NAPO"]
-               if hr1(summary, m) is not None]
+        nat, nseeds = on_common_seeds(summary, SWEEPS["K"]["NAPO"])
+        nap = [(methods[m].get("equivalent_negatives"), nat[m]) for m in SWEEPS["K"]["NAPO"] if m in nat]
         if nap:
-            ev += "; NAPO by equivalent negatives: " + ", ".join(
+            ev += f"; NAPO by equivalent negatives ({_at_seeds(nseeds)}): " + ", ".join(
                 f"{e:.1f}: {v:.4f}" if e is not None else f"?: {v:.4f}" for e, v in nap)
         claim("a", "(a) more negatives help (S-DPO, K = 1 → 15)", verdict_of(p), ev)
     else:
@@ -321,6 +346,10 @@ def claims(summary) -> list[dict]:
         ev += f"; the targets' mean percentile is {tgt:.1f}"
     claim("e", "(e) NAPO recommends less popular items than S-DPO", verdict_of(p, higher_is_better=False), ev)
     return out
+
+
+def _at_seeds(seeds) -> str:
+    return ("seed " if len(seeds) == 1 else "mean over seeds ") + ", ".join(seeds)
 
 
 def _alpha(summary, m) -> str:
@@ -418,16 +447,25 @@ TABLE = [  # header, (protocol, metric path)
 
 
 def results_table(summary) -> str:
-    head = ["method", "trained on"] + [h for h, _ in TABLE] + ["eq. negatives", "train time"]
+    """One row per evaluated method: the metrics of TABLE (with several seeds: mean ± standard deviation over
+    the seeds that ran it, `seeds` of them; one seed: the value alone), equivalent negatives, training time
+    (summed over the seeds)."""
+    several = "seeds" in next(iter(summary["methods"].values()), {})
+    head = ["method", "trained on"] + (["seeds"] if several else []) + [h for h, _ in TABLE] + \
+        ["eq. negatives", "train time"]
     rows = []
     for m, e in summary["methods"].items():
         if not e["eval"]:
             continue
         cells = [f"{e['label']} (`{m}`)", e["trained_on"] or ""]
+        n_seeds = get(e, "eval", "clean", "n_seeds")
+        if several:
+            cells.append(cell(n_seeds))
         for _, (p, *path) in TABLE:
             digits = 1 if "pct" in path[-1] else 4
             v, sd = metric(summary, m, p, *path), get(e, "eval_std", p, *path)
-            cells.append(cell(v, digits) + (f" ± {cell(sd, digits)}" if v is not None and sd is not None else ""))
+            spread = v is not None and sd is not None and get(e, "eval", p, "n_seeds") != 1
+            cells.append(cell(v, digits) + (f" ± {cell(sd, digits)}" if spread else ""))
         cells.append(cell(e.get("equivalent_negatives"), 1))
         cells.append(_secs(get(e, "stages", "train", "seconds")))
         rows.append(cells)

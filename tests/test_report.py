@@ -207,6 +207,30 @@ def test_mean_and_std_over_seeds_in_the_table():
     assert "| NAPO (`napo`) | clean | 0.5000 ± 0.3536 |  |" in report.results_table(summary)
 
 
+def test_series_are_read_at_their_common_seeds_and_one_seed_shows_no_spread():
+    """A sweep whose K=3 point ran at seeds 0-2 and whose K=1 point at seed 0 only is compared at seed 0;
+    the table gives the seed count and no "± 0" for a one-seed method."""
+    ev = lambda v: {"clean": {"n_rows": 4, "ranking": {"hr@1": v}}}  # noqa: E731
+    three = {"0": {"eval": ev(0.5)}, "1": {"eval": ev(0.75)}, "2": {"eval": ev(1.0)}}
+    summary = {"settings": {"seed": 0, "seeds": [0, 1, 2]}, "methods": {
+        "sdpo": {"label": "S-DPO", "trained_on": "clean", "stages": {}, "seeds": three,
+                 "eval": {"clean": {"n_rows": 4, "n_seeds": 3, "ranking": {"hr@1": 0.75}}},
+                 "eval_std": {"clean": {"n_rows": 0.0, "ranking": {"hr@1": 0.25}}}},
+        "sdpo_k1": {"label": "S-DPO (K=1)", "trained_on": "clean", "stages": {}, "seeds": {"0": {"eval": ev(0.25)}},
+                    "eval": {"clean": {"n_rows": 4, "n_seeds": 1, "ranking": {"hr@1": 0.25}}},
+                    "eval_std": {"clean": {"n_rows": 0.0, "ranking": {"hr@1": 0.0}}}},
+        "sdpo_k7": {"label": "S-DPO (K=7)", "trained_on": "clean", "stages": {}, "eval": {}}}}
+    assert report.seed_values(summary, "sdpo") == {"0": 0.5, "1": 0.75, "2": 1.0}
+    assert report.on_common_seeds(summary, ["sdpo_k1", "sdpo", "sdpo_k7"]) == ({"sdpo_k1": 0.25, "sdpo": 0.5},
+                                                                               ["0"])
+    assert report.on_common_seeds(summary, ["sdpo"]) == ({"sdpo": 0.75}, ["0", "1", "2"])
+    table = report.results_table(summary)
+    assert "| S-DPO (`sdpo`) | clean | 3 | 0.7500 ± 0.2500 |" in table
+    assert "| S-DPO (K=1) (`sdpo_k1`) | clean | 1 | 0.2500 |" in table
+    one = {"settings": {"seed": 4}, "methods": {"sdpo": {"eval": ev(0.5)}}}  # a one-seed summary
+    assert report.seed_values(one, "sdpo") == {"4": 0.5} and report.seed_values(one, "napo") == {}
+
+
 def test_main_methods_both_metrics_both_protocols():
     ev = lambda r, g, v: {"ranking": {"hr@1": r}, "generative": {"hr@1": g, "valid_ratio": v}}  # noqa: E731
     summary = {"protocols": ["clean", "sdpo"], "methods": {

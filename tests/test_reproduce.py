@@ -395,7 +395,7 @@ def test_two_seeds_summary_mean_std_and_pooled_verdicts(tmp_path, monkeypatch):
     claims = {c["id"]: c for c in summary["claims"]}
     assert "n=8 rows over 2 seeds" in claims["sdpo>sft"]["evidence"]  # 2 seeds x 4 rows: +0.25 each
     md = (results / "results.md").read_text()
-    assert "seeds 0, 1" in md and "| S-DPO (K=3) (`sdpo`) | clean | 0.5000 ± 0.0000 |" in md
+    assert "seeds 0, 1" in md and "| S-DPO (K=3) (`sdpo`) | clean | 2 | 0.5000 ± 0.0000 |" in md
     saved = json.loads((tmp_path / "runs" / reproduce.SETTINGS_FILE).read_text())
     assert saved["seeds"] == [0, 1]
     # a fresh clone: the report comes back from the committed records alone
