@@ -304,7 +304,7 @@ def claims(summary) -> list[dict]:
     series = [(methods[m]["num_negatives"], m) for m in SWEEPS["K"]["S-DPO"] if m in at]
     if len(series) >= 2:
         vals = [(k, at[m]) for k, m in series]
-        p = paired([r for r in s if str(r.get("seed")) in seeds], series[-1][1], series[0][1])
+        p = paired(s, series[-1][1], series[0][1])  # every seed both ends ran at
         mono = all(b[1] >= a[1] for a, b in zip(vals, vals[1:]))
         ev = (f"S-DPO HR@1 by K ({_at_seeds(seeds)}): " + ", ".join(f"K={k}: {v:.4f}" for k, v in vals) +
               f" ({'non-decreasing' if mono else 'not monotone'}); K={series[-1][0]} vs K={series[0][0]}, "
