@@ -521,6 +521,36 @@ def generative_table(summary, protocol="clean") -> str | None:
             "beyond it; detectable = the smallest difference the run could detect (2.8 standard errors).")
 
 
+VARIANT_GROUPS = ("ablation", "k_sweep", "alpha_sweep", "rho_sweep")  # compared with the method they vary
+
+
+def variants_table(summary, protocol="clean") -> str | None:
+    """Each ablation or sweep point against the method it varies (`sdpo_*` against S-DPO, every other one
+    against NAPO): the paired ranking HR@1 difference variant − reference, pooled over the seeds both ran and
+    the rows, its 95% CI, the smallest detectable difference and whether the variant is better (supported),
+    worse (refuted) or neither beyond the CI (inconclusive). Unadjusted for the number of rows compared;
+    None when no variant was evaluated."""
+    s, rows, methods = runs_of(summary), [], summary["methods"]
+    for m, e in methods.items():
+        if e.get("group") not in VARIANT_GROUPS:
+            continue
+        ref = "sdpo" if m.startswith("sdpo") else "napo"
+        p = paired(s, m, ref, protocol=protocol)
+        if p is None:
+            continue
+        rows.append([f"{e['label']} (`{m}`)", SHORT_NAMES[ref], str(p["n_seeds"]),
+                     f"{p['a_mean']:.4f} − {p['b_mean']:.4f} = {_signed(p['diff'], '{:.4f}')} ± {p['halfwidth']:.4f}",
+                     f"{p['mde']:.4f}", verdict_of(p)])
+    if not rows:
+        return None
+    return (markdown_table(["variant (a)", "against (b)", "seeds", "rank HR@1: a − b ± 95% CI", "detectable",
+                            "a better than b"], rows) +
+            f"\n\nUnder `{protocol}`, each variant against the method it varies, row by row on the test rows of "
+            "every seed both ran (their HR@1 here is on those rows, so it can differ from the table above); CIs "
+            f"unadjusted for the {len(rows)} comparisons, so about {len(rows) * 0.05:.1f} of them would fall "
+            "outside their CI by chance alone.")
+
+
 def gamma_table(summary) -> str | None:
     """The margin's spread per run (reproduce.gamma_spread): one row per method and seed; None when no run
     logged a margin."""
@@ -669,6 +699,8 @@ def results_markdown(summary, methods) -> str:
         *(["## Main methods: paired differences in free generation\n\n" + generative_table(summary)]
           if generative_table(summary) else []),
         "## Claims\n\n" + claims_text(summary),
+        *(["## Variants against the method they vary\n\n" + variants_table(summary)]
+          if variants_table(summary) else []),
         *(["## The margin gamma per run\n\n" + gamma_table(summary)] if gamma_table(summary) else []),
         "## The `sdpo` candidate protocol leaks the answer\n\n" + leak_text(summary),
         "## Wall time per stage\n\n" + time_table(summary),
@@ -699,6 +731,8 @@ def readme_section(summary, methods, commands_md: str, assets_dir: Path, readme_
     if figs:
         parts.append("### Plots\n\n" + "\n\n".join(figs))
     parts.append("### Does this run support NAPO's claims?\n\n" + claims_text(summary))
+    if variants_table(summary):
+        parts.append("### Variants against the method they vary\n\n" + variants_table(summary))
     if gamma_table(summary):
         parts.append("### The margin gamma per run\n\n" + gamma_table(summary))
     parts += ["### The `sdpo` candidate protocol leaks the answer\n\n" + leak_text(summary),

@@ -197,6 +197,29 @@ def test_margin_claims_over_the_alpha_sweep(tmp_path):
     assert d["verdict"] == "supported"  # 0.05 vs 1.96·sqrt(0.05·0.95·200/199/200) = 0.0303
 
 
+def test_variants_against_the_method_they_vary(tmp_path):
+    """sdpo_* against S-DPO, the other variants against NAPO, row by row; a variant without a run is left
+    out, and without any the table is None."""
+    s0 = {"out": str(tmp_path / "runs"), "seed": 0, "dataset": "lastfm"}
+    out = Path(s0["out"])
+    n = 100
+    _predictions(out, "napo", [1] * 50 + [0] * 50)
+    _predictions(out, "sdpo", [0] * n)
+    _predictions(out, "sdpo_k15", [1] * 10 + [0] * 90)  # +0.10 over S-DPO: beyond 1.96·0.0302
+    _predictions(out, "napo_noshare", [1] * 50 + [0] * 50)  # NAPO's rows exactly: +0
+    group = {"napo": "main", "sdpo": "main", "sdpo_k15": "k_sweep", "napo_noshare": "ablation",
+             "napo_k7": "k_sweep"}
+    summary = {"settings": s0, "methods": {m: {"label": m.upper(), "group": g} for m, g in group.items()}}
+    rows = {line.split(" | ")[0]: line for line in report.variants_table(summary).splitlines()
+            if line.startswith("| ") and "(`" in line}
+    assert set(rows) == {"| NAPO_NOSHARE (`napo_noshare`)", "| SDPO_K15 (`sdpo_k15`)"}  # no napo_k7 run
+    assert "| S-DPO | 1 | 0.1000 − 0.0000 = +0.1000 ± " in rows["| SDPO_K15 (`sdpo_k15`)"]
+    assert rows["| SDPO_K15 (`sdpo_k15`)"].endswith("| supported |")
+    assert "| NAPO | 1 | 0.5000 − 0.5000 = +0.0000 ± 0.0000 |" in rows["| NAPO_NOSHARE (`napo_noshare`)"]
+    assert rows["| NAPO_NOSHARE (`napo_noshare`)"].endswith("| inconclusive |")
+    assert report.variants_table({"settings": s0, "methods": {"napo": {"group": "main"}}}) is None
+
+
 def test_mean_and_std_over_seeds_in_the_table():
     mean, std = report.mean_std([{"n_rows": 4, "ranking": {"hr@1": 0.25}, "protocol": "clean"},
                                  {"n_rows": 4, "ranking": {"hr@1": 0.75}, "protocol": "clean"}])
