@@ -656,7 +656,29 @@ def _seeds_note(summary) -> str:
             f"the run could detect (2.8 standard errors: 80% power at a two-sided 0.05).")
 
 
+def full_run_seconds(summary) -> dict | None:
+    """What a run of every method of the summary at every seed costs: the stage seconds measured, plus, for
+    each method missing at a seed, the mean of its measured seeds (estimated); None for a one-seed summary."""
+    seeds = [str(x) for x in summary["settings"].get("seeds") or []]
+    if len(seeds) < 2:
+        return None
+    measured = estimated = 0.0
+    missing = []
+    for m, e in summary["methods"].items():
+        per = {sd: sum(v["seconds"] or 0 for v in x["stages"].values()) for sd, x in e.get("seeds", {}).items()}
+        if not per:
+            continue
+        measured += sum(per.values())
+        for sd in seeds:
+            if sd not in per:
+                estimated += sum(per.values()) / len(per)
+                missing.append(f"{m}@{sd}")
+    return {"measured": measured, "estimated": estimated, "missing": missing, "total": measured + estimated}
+
+
 def time_table(summary) -> str:
+    """Each method's stage wall times (summed over its seeds), the total, and with several seeds what a full
+    run at every seed would take (full_run_seconds)."""
     names = ["train"] + [f"eval_{p}" for p in summary["protocols"]]
     rows = []
     for m, e in summary["methods"].items():
@@ -664,7 +686,16 @@ def time_table(summary) -> str:
         if any(v is not None for v in secs):
             rows.append([f"`{m}`"] + [_secs(v) for v in secs] + [_secs(sum(v or 0 for v in secs))])
     rows.append(["**all stages**"] + [""] * len(names) + [f"**{_secs(summary['total_seconds'])}**"])
-    return markdown_table(["method"] + [n.replace("_", " ") for n in names] + ["total"], rows)
+    table = markdown_table(["method"] + [n.replace("_", " ") for n in names] + ["total"], rows)
+    full = full_run_seconds(summary)
+    if full and full["missing"]:
+        table += (f"\n\nEvery method above at every seed: {_secs(full['measured'])} measured + about "
+                  f"{_secs(full['estimated'])} for the {len(full['missing'])} method × seed runs not made (each "
+                  f"at the mean of that method's measured seeds) = about **{_secs(full['total'])}** of stages "
+                  "(methods run at no seed are not counted).")
+    elif full:
+        table += f"\n\nEvery method above ran at every seed: **{_secs(full['total'])}** of stages."
+    return table
 
 
 def _settings_line(summary) -> str:

@@ -220,6 +220,19 @@ def test_variants_against_the_method_they_vary(tmp_path):
     assert report.variants_table({"settings": s0, "methods": {"napo": {"group": "main"}}}) is None
 
 
+def test_full_run_time_counts_the_missing_seeds_at_their_method_mean():
+    st = lambda *secs: {"stages": {f"s{i}": {"seconds": v} for i, v in enumerate(secs)}}  # noqa: E731
+    summary = {"settings": {"seeds": [0, 1, 2]}, "protocols": ["clean"], "total_seconds": 100.0, "methods": {
+        "sft": {"stages": {}, "seeds": {"0": st(10, 20), "1": st(30), "2": st(30)}},
+        "napo_k7": {"stages": {}, "seeds": {"0": st(6, 4)}},           # 10 s at seed 0: 2 x 10 s to add
+        "sft_sdpo": {"stages": {}, "seeds": {}}}}                      # run at no seed: not counted
+    full = report.full_run_seconds(summary)
+    assert full == {"measured": 100.0, "estimated": 20.0, "missing": ["napo_k7@1", "napo_k7@2"], "total": 120.0}
+    assert "100s measured + about 20s for the 2 method × seed runs not made" in report.time_table(summary)
+    assert "= about **2.0min** of stages" in report.time_table(summary)
+    assert report.full_run_seconds({"settings": {"seed": 0}, "methods": {}}) is None
+
+
 def test_mean_and_std_over_seeds_in_the_table():
     mean, std = report.mean_std([{"n_rows": 4, "ranking": {"hr@1": 0.25}, "protocol": "clean"},
                                  {"n_rows": 4, "ranking": {"hr@1": 0.75}, "protocol": "clean"}])
