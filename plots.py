@@ -527,6 +527,36 @@ def plot_training_curves(summary, path="assets/results_training_curves.png"):
     return _save(fig, path)
 
 
+def plot_gamma_spread(summary, path="assets/results_gamma.png"):
+    """The margin gamma of every run that logged one (reproduce.gamma_spread, averaged over the run's seeds):
+    a thin line from the smallest to the largest logged value, a thick one for the mean spread between the
+    users of one batch (centred on the mean), a dot at the mean; gamma0 dotted."""
+    runs = [(m, e["gamma"]) for m, e in summary["methods"].items()
+            if e.get("gamma") and e["gamma"].get("max") is not None and e["gamma"]["max"] > 0]
+    if not runs:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 0.42 * len(runs) + 1.5))
+    for i, (m, g) in enumerate(runs):
+        ax.plot([g["min"], g["max"]], [i, i], color="#8a8a8a", lw=1.2)
+        half = (g.get("range") or 0.0) / 2
+        ax.plot([max(g["mean"] - half, g["min"]), min(g["mean"] + half, g["max"])], [i, i], color="#6a2c8a",
+                lw=5, solid_capstyle="butt")
+        ax.plot([g["mean"]], [i], "o", color="black", ms=4)
+    ax.axvline(1.0, color="#999999", ls=":", lw=1)
+    ax.set_yticks(range(len(runs)))
+    ax.set_yticklabels([summary["methods"][m]["label"] for m, _ in runs], fontsize=8.5)
+    ax.invert_yaxis()
+    ax.set_xlabel("margin $\\gamma$ (thin: min to max logged; thick: mean spread within a batch; dot: mean; "
+                  "dotted: $\\gamma_0$)", fontsize=8.5)
+    ax.set_title("The margin per run", fontsize=12, fontweight="bold", loc="left")
+    ax.grid(alpha=0.3, axis="x")
+    ax.text(0, -1.0 / (0.42 * len(runs) + 1.5), _run_note(summary) + "; each run's figures averaged over its seeds",
+            transform=ax.transAxes, fontsize=7.5, color="#777777", va="top")
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    return _save(fig, path)
+
+
 def draw_results(summary="results/summary.json", assets="assets"):
     """The result figures (report.FIGURES) from a summary (a dict, or the path of a summary.json written by
     reproduce.py) into the folder `assets`; returns the paths drawn. A figure that fails is reported and

@@ -31,6 +31,7 @@ FIGURES = {  # file name -> (plots.py function, caption); plots.draw_results dra
                                      "HR@1 against the number of (equivalent) negatives: S-DPO vs NAPO"),
     "results_popularity.png": ("plot_popularity", "Popularity percentile of the top-1 recommendation vs the targets"),
     "results_training_curves.png": ("plot_training_curves", "Preference training: loss, reward accuracy, margin"),
+    "results_gamma.png": ("plot_gamma_spread", "The margin gamma per run: its range and its spread within a batch"),
 }
 
 # ==================================================================================================
