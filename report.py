@@ -529,7 +529,7 @@ def variants_table(summary, protocol="clean") -> str | None:
     """Each ablation or sweep point against the method it varies (`sdpo_*` against S-DPO, every other one
     against NAPO): the paired ranking HR@1 difference variant − reference, pooled over the seeds both ran and
     the rows, its 95% CI, the smallest detectable difference and whether the variant is better (supported),
-    worse (refuted) or neither beyond the CI (inconclusive). Unadjusted for the number of rows compared;
+    worse (refuted) or neither beyond the CI (inconclusive). Unadjusted for the number of comparisons;
     None when no variant was evaluated."""
     s, rows, methods = runs_of(summary), [], summary["methods"]
     for m, e in methods.items():
