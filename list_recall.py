@@ -70,12 +70,13 @@ def window_ranking(model, tokenizer, catalog, rows: list[dict], batch_size=50) -
 
     win_first = modeling.window_first_tokens(tokenizer, catalog)
     ans_first = modeling.answer_first_tokens(tokenizer, catalog)
+    prefix = modeling.answer_prefix(tokenizer, catalog)  # the answer is chosen after it (tiny-bpe: the space)
     hits = {"window": 0, "answer": 0}
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
         windows = [tokenizer(di.quote_titles(catalog, r["history_ids"]) + modeling.WINDOW_NEXT,
                              add_special_tokens=False)["input_ids"] for r in batch]
-        prompts = [modeling.encode_prompt_answers(tokenizer, r["prompt"], [])[0] for r in batch]
+        prompts = [modeling.encode_prompt_answers(tokenizer, r["prompt"], [])[0] + prefix for r in batch]
         target = torch.tensor([r["candidate_ids"].index(r["target_id"]) for r in batch])
         for seqs, first, name in ((windows, win_first, "window"), (prompts, ans_first, "answer")):
             choice = modeling.choice_logps(model, seqs, [[first[c] for c in r["candidate_ids"]] for r in batch],

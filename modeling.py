@@ -45,10 +45,15 @@ TINY_DEFAULTS = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4
                      pretrain_dense_copy=None,  # copy documents per window (pretraining_docs); None = none
                      pretrain_list_history=None, pretrain_length_pool=1, pretrain_pack=True, copy_head=True,
                      copy_next=None,  # True: the copy head's next-token votes too (tiny-bpe); None = off
+                     copy_next_match=None,  # True: those votes only from continuations of the query's token
+                     copy_bias=None,  # the copy votes' initial bias (None: tiny_model's -2)
                      bpe_colon_space=None,  # True: build_tiny_tokenizer's colon_space (tiny-bpe); None = off
                      probe_rows=500,
                      seed=0)
-TINY_BPE = dict(item_tokens=False, bpe_colon_space=True, copy_next=True)  # --base_model tiny-bpe
+# --base_model tiny-bpe: titles in BPE pieces; the copy head's next-token votes (only from continuations of the
+# query's own token: an induction head); more list prompts and some dense copy documents, fewer epochs
+TINY_BPE = dict(item_tokens=False, bpe_colon_space=True, copy_next=True, copy_next_match=True,
+                pretrain_epochs=4, pretrain_recall=1.5, pretrain_dense_copy=0.3)
 # the embedded models by --base_model name: their build options on top of TINY_DEFAULTS
 EMBEDDED = {"tiny": {}, "tiny-bpe": TINY_BPE}
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -269,10 +274,22 @@ def pretraining_docs(catalog, epochs, window, recall, seed, list_history=None, d
     return out
 
 
-def answer_first_tokens(tokenizer, catalog) -> list[int]:
-    """Each item's first answer token, as it follows a prompt's final "Answer:"."""
+def answer_prefix(tokenizer, catalog) -> list[int]:
+    """The tokens every answer starts with after a prompt's final "Answer:" (none for `tiny`, whose titles
+    absorb the space; the space token for `tiny-bpe`, whose tokenizer splits it off): the answer is chosen
+    at the token after them."""
     _, answers = encode_prompt_answers(tokenizer, "Answer:", [di.answer_text(catalog, i) for i in range(catalog.n_items)])
-    return [a[0] for a in answers]
+    n = 0
+    while all(len(a) > n + 1 and a[n] == answers[0][n] for a in answers):
+        n += 1
+    return answers[0][:n]
+
+
+def answer_first_tokens(tokenizer, catalog) -> list[int]:
+    """Each item's first answer token after answer_prefix, as it follows a prompt's final "Answer:"."""
+    _, answers = encode_prompt_answers(tokenizer, "Answer:", [di.answer_text(catalog, i) for i in range(catalog.n_items)])
+    at = len(answer_prefix(tokenizer, catalog))
+    return [a[at] for a in answers]
 
 
 def window_first_tokens(tokenizer, catalog) -> list[int]:
@@ -285,12 +302,14 @@ def window_first_tokens(tokenizer, catalog) -> list[int]:
 class ListDoc:
     """What a list prompt's loss needs beyond its tokens (pretrain_loss): the candidates' first answer
     tokens, and for "distill" the prompt's history written as a window to be continued (token ids), the
-    candidates' first tokens in that position, and the item ids the prompt names (candidates and history)."""
+    candidates' first tokens in that position, and the item ids the prompt names (candidates and history);
+    first_at: which answer token is the first one (the length of answer_prefix: 0 for `tiny`, 1 for `tiny-bpe`)."""
     cand_first: list[int]
     window_ids: list[int]
     window_first: list[int]
     cands: list[int] = ()
     named: list[int] = ()
+    first_at: int = 0
 
 
 @dataclass
@@ -305,9 +324,9 @@ class Teacher:
     answer_first: torch.Tensor
 
 
-def encode_doc(tokenizer, first_tokens, win_first, text, answer, cands, hist, hist_window):
+def encode_doc(tokenizer, first_tokens, win_first, text, answer, cands, hist, hist_window, first_at=0):
     """(ids, labels, ListDoc or None) of one pretraining document: every token and EOS of a window; the
-    answer and EOS of a list prompt (its prompt tokens are -100)."""
+    answer and EOS of a list prompt (its prompt tokens are -100). first_at: len(answer_prefix)."""
     if answer is None:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         return ids, ids, None
@@ -316,7 +335,8 @@ def encode_doc(tokenizer, first_tokens, win_first, text, answer, cands, hist, hi
         return prompt + ans, [-100] * len(prompt) + ans, None
     window = tokenizer(hist_window, add_special_tokens=False)["input_ids"]
     return prompt + ans, [-100] * len(prompt) + ans, ListDoc([first_tokens[c] for c in cands], window,
-                                                             [win_first[c] for c in cands], cands, cands + hist)
+                                                             [win_first[c] for c in cands], cands, cands + hist,
+                                                             first_at)
 
 
 def length_batches(encoded, batch_size, rng, pool=1):
@@ -352,21 +372,22 @@ def distill_kl(logp, teacher: Teacher) -> torch.Tensor:
     return _kl(t_c, s_c, torch.ones_like(t_c, dtype=torch.bool)) + _kl(teacher.logp, answer, ~teacher.named)
 
 
-def pretrain_loss(logits, labels, cand_first, list_loss="set", teacher=None) -> torch.Tensor:
+def pretrain_loss(logits, labels, cand_first, list_loss="set", teacher=None, first_at=None) -> torch.Tensor:
     """flat_pretrain_loss of a padded batch: logits (B, T, V) and labels (B, T) of B documents, one per row
-    (position t predicts labels[t + 1]; -100 = not scored); cand_first (B, 20) as there."""
+    (position t predicts labels[t + 1]; -100 = not scored); cand_first (B, 20) and first_at as there."""
     keep = labels[:, 1:] != -100
     return flat_pretrain_loss(logits[:, :-1][keep], labels[:, 1:][keep], keep.nonzero()[:, 0], cand_first,
-                              list_loss, teacher)
+                              list_loss, teacher, first_at)
 
 
-def flat_pretrain_loss(logits, targets, doc, cand_first, list_loss="set", teacher=None) -> torch.Tensor:
+def flat_pretrain_loss(logits, targets, doc, cand_first, list_loss="set", teacher=None, first_at=None) -> torch.Tensor:
     """Next-token cross-entropy with the two kinds of document weighted alike: the mean over the windows'
     tokens + the mean over the list prompts' answer tokens (one title + EOS each, ~1% of the tokens: counted
     per token they would barely register). The scored positions only: logits (n, V) of the n positions that
     predict a label, targets (n,) those labels, doc (n,) which document of the batch each belongs to (a
     document's positions consecutive and in order, documents in any order). cand_first: (D, 20) the
-    candidates' first answer tokens of each document, -1 on windows. The answer's first token is scored by
+    candidates' first answer tokens of each document, -1 on windows; first_at: (D,) which of a list prompt's
+    answer tokens is its first (ListDoc.first_at; None = the answer's very first). The answer's first token is scored by
     * "set" (default): -log P(first token ∈ candidates' first tokens) — answer from the list, which one is
       left to the model's prior (a uniform pick carries no preference to learn);
     * "distill": the set term + distill_kl against `teacher` (a Teacher, one row per list prompt in
@@ -382,6 +403,8 @@ def flat_pretrain_loss(logits, targets, doc, cand_first, list_loss="set", teache
         starts[1:] = doc[1:] != doc[:-1]
         first = (starts & is_list).nonzero()[:, 0]  # the position predicting each list answer's first token
         first = first[doc[first].argsort()]  # in document order, as the teacher's rows
+        if first_at is not None:  # after the tokens every answer starts with (tiny-bpe: the space)
+            first = first + first_at[doc[first]]
         logp = logits[first].float().log_softmax(-1)
         extra = -torch.logsumexp(logp.gather(-1, cand_first[doc[first]]), -1)
         if list_loss == "distill":
@@ -498,10 +521,11 @@ def pretrain_batches(tokenizer, catalog, opts: dict, first_tokens=None, win_firs
     rng = random.Random(opts["seed"] + 1)
     first_tokens = first_tokens or answer_first_tokens(tokenizer, catalog)
     win_first = win_first or window_first_tokens(tokenizer, catalog)
+    at = len(answer_prefix(tokenizer, catalog))
     return [b for docs in pretraining_docs(catalog, opts["pretrain_epochs"], opts["pretrain_window"],
                                            opts["pretrain_recall"], opts["seed"], opts["pretrain_list_history"],
                                            opts.get("pretrain_dense_copy"))
-            for b in length_batches([encode_doc(tokenizer, first_tokens, win_first, *d) for d in docs],
+            for b in length_batches([encode_doc(tokenizer, first_tokens, win_first, *d, first_at=at) for d in docs],
                                     PRETRAIN_BATCH, rng, opts["pretrain_length_pool"])]
 
 
@@ -509,7 +533,9 @@ def batch_inputs(model, batch, pad_token_id, pack: bool) -> dict:
     """The tensors of one build step (batch_loss' input): packed rows (pack_batch) with their 4-D mask, or
     (pack False: the build before packing, kept as the benchmark's baseline) one padded row per document."""
     cand_first = torch.tensor([d.cand_first if d else [-1] * di.NUM_CANDIDATES for _, _, d in batch])
-    out = dict(cand_first=cand_first, lists=[d for _, _, d in batch if d], tokens=sum(len(e[0]) for e in batch))
+    first_at = torch.tensor([d.first_at if d else 0 for _, _, d in batch])
+    out = dict(cand_first=cand_first, first_at=first_at, lists=[d for _, _, d in batch if d],
+               tokens=sum(len(e[0]) for e in batch))
     if pack:
         p = pack_batch(batch, pad_token_id)
         return dict(out, packed=p, mask=scoring.kernel_mask(model, p.allowed, torch.float32), positions=p.rows_padded)
@@ -530,9 +556,9 @@ def batch_loss(model, inputs: dict, list_loss="set", teacher=None) -> torch.Tens
     if "packed" in inputs:
         p = inputs["packed"]
         logits = scoring.kept_logits(model, p.ids, inputs["mask"], p.pos, p.keep)
-        return flat_pretrain_loss(logits, p.targets, p.doc, inputs["cand_first"], list_loss, teacher)
+        return flat_pretrain_loss(logits, p.targets, p.doc, inputs["cand_first"], list_loss, teacher, inputs["first_at"])
     logits = model(input_ids=inputs["ids"], attention_mask=inputs["mask"]).logits
-    return pretrain_loss(logits, inputs["labels"], inputs["cand_first"], list_loss, teacher)
+    return pretrain_loss(logits, inputs["labels"], inputs["cand_first"], list_loss, teacher, inputs["first_at"])
 
 
 def _pretrain(model, tokenizer, catalog, opts: dict, log=print):
@@ -606,7 +632,9 @@ def new_tiny_llama(tokenizer, opts: dict):
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id)
     if opts.get("copy_head", True):
-        return tiny_model.TinyCopyForCausalLM(tiny_model.TinyCopyConfig(copy_next=bool(opts.get("copy_next")), **kw))
+        extra = {k: opts[k] for k in ("copy_bias",) if opts.get(k) is not None}
+        return tiny_model.TinyCopyForCausalLM(tiny_model.TinyCopyConfig(
+            copy_next=bool(opts.get("copy_next")), copy_next_match=bool(opts.get("copy_next_match")), **extra, **kw))
     return LlamaForCausalLM(LlamaConfig(**kw))
 
 

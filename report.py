@@ -496,6 +496,11 @@ def main_metrics_table(summary) -> str | None:
     return markdown_table(head, rows)
 
 
+def _diff_cell(p) -> str:
+    """A paired comparison (paired_pool) as one table cell: "a − b = diff ± CI half-width"."""
+    return f"{p['a_mean']:.4f} − {p['b_mean']:.4f} = {_signed(p['diff'], '{:.4f}')} ± {p['halfwidth']:.4f}"
+
+
 def generative_table(summary, protocol="clean") -> str | None:
     """The main comparisons (MAIN_PAIRS) on free generation: generative HR@1 and ValidRatio, each as the
     paired difference pooled over seeds and rows (paired_pool) with its 95% CI, the smallest detectable
@@ -508,9 +513,7 @@ def generative_table(summary, protocol="clean") -> str | None:
         n = n or next(p for p in ps if p)
         cells = [f"{get(summary['methods'], a, 'label') or a} − {get(summary['methods'], b, 'label') or b}"]
         for p in ps:
-            cells += (["", "", ""] if p is None else
-                      [f"{p['a_mean']:.4f} − {p['b_mean']:.4f} = {_signed(p['diff'], '{:.4f}')} "
-                       f"± {p['halfwidth']:.4f}", f"{p['mde']:.4f}", verdict_of(p)])
+            cells += ["", "", ""] if p is None else [_diff_cell(p), f"{p['mde']:.4f}", verdict_of(p)]
         rows.append(cells)
     if not rows:
         return None
@@ -539,8 +542,7 @@ def variants_table(summary, protocol="clean") -> str | None:
         p = paired(s, m, ref, protocol=protocol)
         if p is None:
             continue
-        rows.append([f"{e['label']} (`{m}`)", SHORT_NAMES[ref], str(p["n_seeds"]),
-                     f"{p['a_mean']:.4f} − {p['b_mean']:.4f} = {_signed(p['diff'], '{:.4f}')} ± {p['halfwidth']:.4f}",
+        rows.append([f"{e['label']} (`{m}`)", SHORT_NAMES[ref], str(p["n_seeds"]), _diff_cell(p),
                      f"{p['mde']:.4f}", verdict_of(p)])
     if not rows:
         return None

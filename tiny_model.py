@@ -23,7 +23,11 @@ at the position before it (its predecessor: the last earlier position j attends 
 
     + exp(scale') * sum_j sigmoid(q'(h) . k'(h_pred(j)) / sqrt(d) + bias') * [x_j == t]
 
-so a query whose answer so far matches a listed title's prefix lifts that title's next token.
+so a query whose answer so far matches a listed title's prefix lifts that title's next token. With
+`copy_next_match` (tiny-bpe's recipe) only the positions whose predecessor holds the query's own token vote
+(x_pred(j) == x_t: an induction head by construction, as prompt-lookup decoding matches n-grams); the
+learned q'·k' then only chooses among those continuations (the unrestricted votes were not learned within a
+build's budget: README, "The embedded model").
 
 During cached generation the copy keys and ids of earlier positions ride on the cache object
 (`cache.napo_copy`, and `cache.napo_next` for the next-token votes); greedy and constrained decoding
@@ -43,11 +47,12 @@ class TinyCopyConfig(LlamaConfig):
     model_type = "napo_tiny"
 
     def __init__(self, copy_dim: int = 32, copy_bias: float = -2.0, copy_log_scale: float = 2.75,
-                 copy_next: bool = False, **kwargs):
+                 copy_next: bool = False, copy_next_match: bool = False, **kwargs):
         self.copy_dim = copy_dim              # width of the copy head's query/key
         self.copy_bias = copy_bias            # initial bias of each vote (sigmoid(-2) = 0.12)
         self.copy_log_scale = copy_log_scale  # initial log of a full vote's lift (e^2.75 = 15.6 logits)
         self.copy_next = copy_next            # also the "next-token" votes (multi-token titles; see the module)
+        self.copy_next_match = copy_next_match  # those votes only where the predecessor is the query's token
         super().__init__(**kwargs)
 
 
@@ -86,26 +91,29 @@ class TinyCopyForCausalLM(LlamaForCausalLM):
         w = torch.sigmoid(scores + gate[0]) * gate[1].exp()
         return w.masked_fill(~allowed, 0.0)
 
-    def next_keys(self, h, attention_mask, state):
-        """(keys (B, K, d), has_pred (B, K)) of the next-token votes: each position's key is copy_next_key of
-        its predecessor's hidden state — the last earlier position it attends to (the previous token in a
-        plain or padded row; none for a document's first token in packed rows or a pad's neighbour). Cached
-        generation appends one contiguous step at a time, its predecessor the previous position."""
+    def next_keys(self, h, input_ids, attention_mask, state):
+        """(keys (B, K, d), has_pred (B, K), pred_ids (B, K)) of the next-token votes: each position's key is
+        copy_next_key of its predecessor's hidden state — the last earlier position it attends to (the previous
+        token in a plain or padded row; none for a document's first token in packed rows or a pad's neighbour)
+        — and pred_ids that predecessor's token. Cached generation appends one contiguous step at a time, its
+        predecessor the previous position."""
         raw = self.copy_next_key(h)
         B, q_len, d = raw.shape
         prev = getattr(state, "napo_next", None) if state is not None else None
         if prev is not None:  # cached: the new positions follow the cached ones
             keys = torch.cat([prev[0], torch.cat([prev[2], raw[:, :-1]], 1)], 1)
             has = torch.cat([prev[1], torch.ones(B, q_len, dtype=torch.bool, device=h.device)], 1)
+            pred_ids = torch.cat([prev[3], torch.cat([prev[4], input_ids[:, :-1]], 1)], 1)
         else:
             rows = allowed_positions(attention_mask, q_len, q_len, h.device).expand(B, q_len, q_len)
             earlier = rows & torch.ones(q_len, q_len, dtype=torch.bool, device=h.device).tril(-1)
             has = earlier.any(-1)
             pred = (earlier * torch.arange(q_len, device=h.device)).argmax(-1)  # (B, q) the last earlier one
             keys = raw.gather(1, pred[..., None].expand(B, q_len, d))
+            pred_ids = input_ids.gather(1, pred)
         if state is not None:
-            state.napo_next = (keys, has, raw[:, -1:])
-        return keys, has
+            state.napo_next = (keys, has, raw[:, -1:], pred_ids, input_ids[:, -1:])
+        return keys, has, pred_ids
 
     def __setattr__(self, name, value):
         # TRL's trainers (SFT, DPO) call add_fused_lm_head, which replaces `model.forward` by one that, given
@@ -172,8 +180,11 @@ class TinyCopyForCausalLM(LlamaForCausalLM):
         allowed = allowed_positions(attention_mask, q_len, keys.shape[1], h.device)
         w = self.copy_votes(h, keys, allowed)
         if getattr(self.config, "copy_next", False):  # the next-token votes, for the same tokens
-            nkeys, has = self.next_keys(h, attention_mask, state)
-            w = w + self.copy_votes(h, nkeys, allowed & has[:, None, :], self.copy_next_query, self.copy_next_gate)
+            nkeys, has, pred_ids = self.next_keys(h, input_ids, attention_mask, state)
+            voters = allowed & has[:, None, :]
+            if getattr(self.config, "copy_next_match", False):  # only continuations of the query's own token
+                voters = voters & (pred_ids[:, None, :] == input_ids[:, :, None])
+            w = w + self.copy_votes(h, nkeys, voters, self.copy_next_query, self.copy_next_gate)
         ids = ids[:, None, :].expand(B, q_len, ids.shape[1])
         if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dtype == torch.bool:
             h, w, ids = h[logits_to_keep], w[logits_to_keep], ids[logits_to_keep]  # (n, ...) in row-major order

@@ -39,4 +39,4 @@ def small_bpe_model(tmp_path_factory):
     tokens, as in real LLMs."""
     import modeling
 
-    return str(modeling.build_tiny("lastfm", tmp_path_factory.mktemp("small_bpe"), **modeling.TINY_BPE, **SMALL))
+    return str(modeling.build_tiny("lastfm", tmp_path_factory.mktemp("small_bpe"), **{**modeling.TINY_BPE, **SMALL}))

@@ -69,6 +69,13 @@ def test_colon_space_tokenizes_an_answer_as_the_listed_title():
     _, (a,) = modeling.encode_prompt_answers(spaced, "Answer:", [" Robert Miles"])
     assert spaced.convert_ids_to_tokens(a[:2]) == ["Ġ", "Robert"]
     assert verbatim(spaced, 1) >= 0.98
+    # the build's list loss chooses the answer after the space every answer starts with, at the title's first piece
+    assert spaced.convert_ids_to_tokens(modeling.answer_prefix(spaced, cat)) == ["Ġ"]
+    first = modeling.answer_first_tokens(spaced, cat)
+    robert = cat.names.index("Robert Miles")
+    assert spaced.convert_ids_to_tokens([first[robert]]) == ["Robert"] and len(set(first)) > 100
+    item_tok = modeling.build_tiny_tokenizer(cat, 2000, item_tokens=True)
+    assert modeling.answer_prefix(item_tok, cat) == []  # whole-title tokens absorb the space
     assert verbatim(modeling.build_tiny_tokenizer(cat, 2000, item_tokens=False), 0) < 0.1
 
 

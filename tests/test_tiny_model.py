@@ -12,10 +12,12 @@ import scoring
 import tiny_model
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["copy", "copy+next"])
+@pytest.fixture(scope="module", params=[(False, False), (True, False), (True, True)],
+                ids=["copy", "copy+next", "copy+next+match"])
 def small(request):
     """A small random napo_tiny whose votes are strong (bias +2, lift e^2), so any path that mishandles
-    them shows; without and with the next-token votes (copy_next)."""
+    them shows; without and with the next-token votes (copy_next), and those only from continuations of
+    the query's own token (copy_next_match)."""
     torch.manual_seed(0)
     catalog = di.load_catalog("lastfm")
     tok = modeling.build_tiny_tokenizer(catalog, 2000, True)
@@ -23,7 +25,7 @@ def small(request):
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=4, tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, copy_bias=2.0, copy_log_scale=2.0,
-        copy_next=request.param)
+        copy_next=request.param[0], copy_next_match=request.param[1])
     model = tiny_model.TinyCopyForCausalLM(cfg).eval()
     rng = random.Random(0)
     prompts = [modeling.list_prompt(catalog, rng) for _ in range(3)]
@@ -32,7 +34,8 @@ def small(request):
 
 def test_lift_is_exact_and_only_on_tokens_in_the_context(small):
     model, tok, _, prompts = small
-    ids = torch.tensor([tok(prompts[0][0])["input_ids"]])
+    ids = tok(prompts[0][0])["input_ids"]
+    ids = torch.tensor([ids + ids[5:6]])  # the last token also occurs earlier (a continuation to copy)
     with torch.no_grad():
         logits = model(input_ids=ids, use_cache=False).logits[0, -1]
         plain = model.lm_head(model.model(input_ids=ids).last_hidden_state)[0, -1]
@@ -44,6 +47,10 @@ def test_lift_is_exact_and_only_on_tokens_in_the_context(small):
             k = model.copy_next_key(h[0, :-1])  # the predecessors of positions 1..T-1
             g = model.copy_next_gate
             w2 = torch.sigmoid(k @ q / k.shape[-1] ** 0.5 + g[0]) * g[1].exp()
+            if model.config.copy_next_match:  # only where the predecessor's token is the query's (the last) token
+                match = ids[0, :-1] == ids[0, -1]
+                assert 0 < int(match.sum()) < len(match)  # the mask both keeps and drops votes here
+                w2 = w2 * match
             expect = expect.index_add(0, ids[0, 1:], w2)
     lift = logits - plain
     seen = set(ids[0].tolist())
