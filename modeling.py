@@ -46,7 +46,6 @@ TINY_DEFAULTS = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4
                      pretrain_list_history=None, pretrain_length_pool=1, pretrain_pack=True, copy_head=True,
                      copy_next=None,  # True: the copy head's next-token votes too (tiny-bpe); None = off
                      copy_next_match=None,  # True: those votes only from continuations of the query's token
-                     copy_bias=None,  # the copy votes' initial bias (None: tiny_model's -2)
                      bpe_colon_space=None,  # True: build_tiny_tokenizer's colon_space (tiny-bpe); None = off
                      probe_rows=500,
                      seed=0)
@@ -274,22 +273,26 @@ def pretraining_docs(catalog, epochs, window, recall, seed, list_history=None, d
     return out
 
 
-def answer_prefix(tokenizer, catalog) -> list[int]:
-    """The tokens every answer starts with after a prompt's final "Answer:" (none for `tiny`, whose titles
-    absorb the space; the space token for `tiny-bpe`, whose tokenizer splits it off): the answer is chosen
-    at the token after them."""
+def _answer_tokens(tokenizer, catalog) -> tuple[list[int], list[list[int]]]:
+    """(the tokens every answer starts with after a prompt's final "Answer:", each item's answer tokens)."""
     _, answers = encode_prompt_answers(tokenizer, "Answer:", [di.answer_text(catalog, i) for i in range(catalog.n_items)])
     n = 0
     while all(len(a) > n + 1 and a[n] == answers[0][n] for a in answers):
         n += 1
-    return answers[0][:n]
+    return answers[0][:n], answers
+
+
+def answer_prefix(tokenizer, catalog) -> list[int]:
+    """The tokens every answer starts with after a prompt's final "Answer:" (none for `tiny`, whose titles
+    absorb the space; the space token for `tiny-bpe`, whose tokenizer splits it off): the answer is chosen
+    at the token after them."""
+    return _answer_tokens(tokenizer, catalog)[0]
 
 
 def answer_first_tokens(tokenizer, catalog) -> list[int]:
     """Each item's first answer token after answer_prefix, as it follows a prompt's final "Answer:"."""
-    _, answers = encode_prompt_answers(tokenizer, "Answer:", [di.answer_text(catalog, i) for i in range(catalog.n_items)])
-    at = len(answer_prefix(tokenizer, catalog))
-    return [a[at] for a in answers]
+    prefix, answers = _answer_tokens(tokenizer, catalog)
+    return [a[len(prefix)] for a in answers]
 
 
 def window_first_tokens(tokenizer, catalog) -> list[int]:
@@ -632,9 +635,8 @@ def new_tiny_llama(tokenizer, opts: dict):
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id)
     if opts.get("copy_head", True):
-        extra = {k: opts[k] for k in ("copy_bias",) if opts.get(k) is not None}
         return tiny_model.TinyCopyForCausalLM(tiny_model.TinyCopyConfig(
-            copy_next=bool(opts.get("copy_next")), copy_next_match=bool(opts.get("copy_next_match")), **extra, **kw))
+            copy_next=bool(opts.get("copy_next")), copy_next_match=bool(opts.get("copy_next_match")), **kw))
     return LlamaForCausalLM(LlamaConfig(**kw))
 
 
