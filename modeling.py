@@ -46,12 +46,14 @@ TINY_DEFAULTS = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4
                      pretrain_list_history=None, pretrain_length_pool=1, pretrain_pack=True, copy_head=True,
                      copy_next=None,  # True: the copy head's next-token votes too (tiny-bpe); None = off
                      copy_next_match=None,  # True: those votes only from continuations of the query's token
+                     copy_entries=None,  # True: the copy votes follow the list's quoted entries (list_delimiters)
                      bpe_colon_space=None,  # True: build_tiny_tokenizer's colon_space (tiny-bpe); None = off
                      probe_rows=500,
                      seed=0)
 # --base_model tiny-bpe: titles in BPE pieces; the copy head's next-token votes (only from continuations of the
-# query's own token: an induction head); more list prompts and some dense copy documents, fewer epochs
-TINY_BPE = dict(item_tokens=False, bpe_colon_space=True, copy_next=True, copy_next_match=True,
+# query's own token: an induction head) along the list's quoted entries (the first votes from entries' first
+# pieces, the end of an entry voting for EOS); more list prompts and some dense copy documents, fewer epochs
+TINY_BPE = dict(item_tokens=False, bpe_colon_space=True, copy_next=True, copy_next_match=True, copy_entries=True,
                 pretrain_epochs=4, pretrain_recall=1.5, pretrain_dense_copy=0.3)
 # the embedded models by --base_model name: their build options on top of TINY_DEFAULTS
 EMBEDDED = {"tiny": {}, "tiny-bpe": TINY_BPE}
@@ -295,6 +297,17 @@ def answer_first_tokens(tokenizer, catalog) -> list[int]:
     return [a[len(prefix)] for a in answers]
 
 
+def list_delimiters(tokenizer) -> tuple[list[int], list[int], list[int]]:
+    """(opening, closing, starts): the tokens that open and that close a quoted list entry
+    (data_interface.quote_titles writes `"A", "B"`: those whose text ends, and those whose text starts, with
+    the quote), and what comes before an entry's first token: an opening one, or the space token after the
+    prompt's final colon (before the answer: `Answer:` + ` ` + title, with tiny-bpe's colon-space tokenizer)."""
+    texts = [decode(tokenizer, [t]) for t in range(len(tokenizer))]
+    opening = [t for t, x in enumerate(texts) if x.endswith('"')]
+    space = tokenizer(": ", add_special_tokens=False)["input_ids"][-1:]
+    return opening, [t for t, x in enumerate(texts) if x.startswith('"')], opening + [t for t in space if texts[t] == " "]
+
+
 def window_first_tokens(tokenizer, catalog) -> list[int]:
     """Each item's first token as it continues a listening window (`"A"` + WINDOW_NEXT + title)."""
     _, titles = encode_prompt_answers(tokenizer, '"x"' + WINDOW_NEXT, catalog.names)
@@ -327,15 +340,17 @@ class Teacher:
     answer_first: torch.Tensor
 
 
-def encode_doc(tokenizer, first_tokens, win_first, text, answer, cands, hist, hist_window, first_at=0):
+def encode_doc(tokenizer, first_tokens, win_first, text, answer, cands, hist, hist_window, first_at=0, unscored=()):
     """(ids, labels, ListDoc or None) of one pretraining document: every token and EOS of a window; the
-    answer and EOS of a list prompt (its prompt tokens are -100). first_at: len(answer_prefix)."""
+    answer and EOS of a list prompt (its prompt tokens are -100). first_at: len(answer_prefix). unscored:
+    tokens a copy document's repeat does not score (copy_entries: the entries' closing tokens, which its
+    copy head reads as the answer's end, EOS)."""
     if answer is None:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         return ids, ids, None
     prompt, (ans,) = encode_prompt_answers(tokenizer, text, [answer])
     if cands is None:  # a copy document: scored on its answer, with the windows
-        return prompt + ans, [-100] * len(prompt) + ans, None
+        return prompt + ans, [-100] * len(prompt) + [-100 if t in unscored else t for t in ans], None
     window = tokenizer(hist_window, add_special_tokens=False)["input_ids"]
     return prompt + ans, [-100] * len(prompt) + ans, ListDoc([first_tokens[c] for c in cands], window,
                                                              [win_first[c] for c in cands], cands, cands + hist,
@@ -525,10 +540,11 @@ def pretrain_batches(tokenizer, catalog, opts: dict, first_tokens=None, win_firs
     first_tokens = first_tokens or answer_first_tokens(tokenizer, catalog)
     win_first = win_first or window_first_tokens(tokenizer, catalog)
     at = len(answer_prefix(tokenizer, catalog))
+    unscored = set(list_delimiters(tokenizer)[1]) if opts.get("copy_entries") else set()
     return [b for docs in pretraining_docs(catalog, opts["pretrain_epochs"], opts["pretrain_window"],
                                            opts["pretrain_recall"], opts["seed"], opts["pretrain_list_history"],
                                            opts.get("pretrain_dense_copy"))
-            for b in length_batches([encode_doc(tokenizer, first_tokens, win_first, *d, first_at=at) for d in docs],
+            for b in length_batches([encode_doc(tokenizer, first_tokens, win_first, *d, first_at=at, unscored=unscored) for d in docs],
                                     PRETRAIN_BATCH, rng, opts["pretrain_length_pool"])]
 
 
@@ -635,8 +651,11 @@ def new_tiny_llama(tokenizer, opts: dict):
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id)
     if opts.get("copy_head", True):
+        opening, closing, starts = list_delimiters(tokenizer) if opts.get("copy_entries") else (None, None, None)
         return tiny_model.TinyCopyForCausalLM(tiny_model.TinyCopyConfig(
-            copy_next=bool(opts.get("copy_next")), copy_next_match=bool(opts.get("copy_next_match")), **kw))
+            copy_next=bool(opts.get("copy_next")), copy_next_match=bool(opts.get("copy_next_match")),
+            copy_open_ids=opening, copy_close_ids=closing,
+            copy_start_ids=starts, **kw))
     return LlamaForCausalLM(LlamaConfig(**kw))
 
 
@@ -659,6 +678,10 @@ def build_tiny(dataset="lastfm", output_dir=None, **overrides) -> Path:
     if opts["pretrain_list_history"] not in (None, "train", "train+next"):
         raise ModelError(f"pretrain_list_history {opts['pretrain_list_history']!r}: None (random titles), train or "
                          "train+next")
+    if opts["copy_entries"] not in (None, False, True):
+        raise ModelError(f"copy_entries {opts['copy_entries']!r}: None (off) or True (the votes follow the list's entries)")
+    if opts["copy_entries"] and not (opts["copy_next"] and opts["copy_next_match"]):
+        raise ModelError("copy_entries needs copy_next and copy_next_match (it extends the matched next-token votes)")
     catalog = di.load_catalog(dataset)
     torch.manual_seed(opts["seed"])
     tokenizer = tiny_tokenizer(catalog, opts)

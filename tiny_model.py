@@ -29,6 +29,15 @@ so a query whose answer so far matches a listed title's prefix lifts that title'
 learned q'·k' then only chooses among those continuations (the unrestricted votes were not learned within a
 build's budget: README, "The embedded model").
 
+With `copy_open_ids` / `copy_close_ids` (tiny-bpe's recipe: the tokens that open and close a quoted list entry,
+modeling.list_delimiters) the votes follow the list's entries, as a pointer network over them does: the first
+votes come only from positions right after an opening token (an entry's first piece: a title's remaining
+pieces and the answer's own tokens do not vote there), and a next-token vote for a closing token is a vote for
+EOS (the answer ends where the listed entry ends; its key, read at the entry's last piece, cannot tell a
+continuation from the end). With `copy_start_ids` a continuation must match the query on two tokens, its own
+and the one before (an entry's start and the space before the answer counting as one token), so an answer
+whose last piece also ends another title's piece does not jump to that title.
+
 During cached generation the copy keys and ids of earlier positions ride on the cache object
 (`cache.napo_copy`, and `cache.napo_next` for the next-token votes); greedy and constrained decoding
 (inference.generate) give the same logits as a full forward (tests/test_tiny_model.py).
@@ -47,12 +56,16 @@ class TinyCopyConfig(LlamaConfig):
     model_type = "napo_tiny"
 
     def __init__(self, copy_dim: int = 32, copy_bias: float = -2.0, copy_log_scale: float = 2.75,
-                 copy_next: bool = False, copy_next_match: bool = False, **kwargs):
+                 copy_next: bool = False, copy_next_match: bool = False, copy_open_ids=None, copy_close_ids=None,
+                 copy_start_ids=None, **kwargs):
         self.copy_dim = copy_dim              # width of the copy head's query/key
         self.copy_bias = copy_bias            # initial bias of each vote (sigmoid(-2) = 0.12)
         self.copy_log_scale = copy_log_scale  # initial log of a full vote's lift (e^2.75 = 15.6 logits)
         self.copy_next = copy_next            # also the "next-token" votes (multi-token titles; see the module)
         self.copy_next_match = copy_next_match  # those votes only where the predecessor is the query's token
+        self.copy_open_ids = copy_open_ids    # first votes only right after these tokens (list entries' starts)
+        self.copy_close_ids = copy_close_ids  # next-token votes for these count for EOS (list entries' ends)
+        self.copy_start_ids = copy_start_ids  # match votes on two tokens, these counting as one (entries' starts)
         super().__init__(**kwargs)
 
 
@@ -74,6 +87,9 @@ class TinyCopyForCausalLM(LlamaForCausalLM):
 
     def __init__(self, config):
         super().__init__(config)
+        if (config.copy_open_ids or config.copy_close_ids or config.copy_start_ids) and not config.copy_next:
+            raise ValueError("napo_tiny: copy_open_ids / copy_close_ids / copy_start_ids need copy_next (they read "
+                             "each position's predecessor)")
         self.copy_query = nn.Linear(config.hidden_size, config.copy_dim, bias=False)
         self.copy_key = nn.Linear(config.hidden_size, config.copy_dim, bias=False)
         self.copy_gate = nn.Parameter(torch.tensor([config.copy_bias, config.copy_log_scale]))  # vote bias, log scale
@@ -91,6 +107,10 @@ class TinyCopyForCausalLM(LlamaForCausalLM):
         w = torch.sigmoid(scores + gate[0]) * gate[1].exp()
         return w.masked_fill(~allowed, 0.0)
 
+    @staticmethod
+    def _ids(token_ids, like) -> torch.Tensor:
+        return torch.tensor(token_ids, dtype=torch.long, device=like.device)
+
     def next_keys(self, h, input_ids, attention_mask, state):
         """(keys (B, K, d), has_pred (B, K), pred_ids (B, K)) of the next-token votes: each position's key is
         copy_next_key of its predecessor's hidden state — the last earlier position it attends to (the previous
@@ -102,8 +122,12 @@ class TinyCopyForCausalLM(LlamaForCausalLM):
         prev = getattr(state, "napo_next", None) if state is not None else None
         if prev is not None:  # cached: the new positions follow the cached ones
             keys = torch.cat([prev[0], torch.cat([prev[2], raw[:, :-1]], 1)], 1)
-            has = torch.cat([prev[1], torch.ones(B, q_len, dtype=torch.bool, device=h.device)], 1)
-            pred_ids = torch.cat([prev[3], torch.cat([prev[4], input_ids[:, :-1]], 1)], 1)
+            ones = torch.ones(B, q_len, dtype=torch.bool, device=h.device)
+            new_pred = torch.cat([prev[4], input_ids[:, :-1]], 1)
+            has = torch.cat([prev[1], ones], 1)
+            pred_ids = torch.cat([prev[3], new_pred], 1)
+            has2 = torch.cat([prev[5], torch.cat([prev[1][:, -1:], ones[:, :-1]], 1)], 1)
+            pred2_ids = torch.cat([prev[6], torch.cat([prev[3][:, -1:], new_pred[:, :-1]], 1)], 1)
         else:
             rows = allowed_positions(attention_mask, q_len, q_len, h.device).expand(B, q_len, q_len)
             earlier = rows & torch.ones(q_len, q_len, dtype=torch.bool, device=h.device).tril(-1)
@@ -111,9 +135,10 @@ class TinyCopyForCausalLM(LlamaForCausalLM):
             pred = (earlier * torch.arange(q_len, device=h.device)).argmax(-1)  # (B, q) the last earlier one
             keys = raw.gather(1, pred[..., None].expand(B, q_len, d))
             pred_ids = input_ids.gather(1, pred)
+            has2, pred2_ids = has & has.gather(1, pred), pred_ids.gather(1, pred)  # the predecessor's predecessor
         if state is not None:
-            state.napo_next = (keys, has, raw[:, -1:], pred_ids, input_ids[:, -1:])
-        return keys, has, pred_ids
+            state.napo_next = (keys, has, raw[:, -1:], pred_ids, input_ids[:, -1:], has2, pred2_ids)
+        return keys, has, pred_ids, has2, pred2_ids
 
     def __setattr__(self, name, value):
         # TRL's trainers (SFT, DPO) call add_fused_lm_head, which replaces `model.forward` by one that, given
@@ -178,13 +203,30 @@ class TinyCopyForCausalLM(LlamaForCausalLM):
             state.napo_copy = (keys, ids)
         B, q_len = input_ids.shape
         allowed = allowed_positions(attention_mask, q_len, keys.shape[1], h.device)
-        w = self.copy_votes(h, keys, allowed)
-        if getattr(self.config, "copy_next", False):  # the next-token votes, for the same tokens
-            nkeys, has, pred_ids = self.next_keys(h, input_ids, attention_mask, state)
+        if not getattr(self.config, "copy_next", False):
+            w = self.copy_votes(h, keys, allowed)
+        else:  # the next-token votes, for the same tokens
+            nkeys, has, pred_ids, has2, pred2_ids = self.next_keys(h, input_ids, attention_mask, state)
+            first = allowed
+            if self.config.copy_open_ids:  # first votes only from an entry's first piece
+                first = first & (has & torch.isin(pred_ids, self._ids(self.config.copy_open_ids, h)))[:, None, :]
+            w = self.copy_votes(h, keys, first)
             voters = allowed & has[:, None, :]
             if getattr(self.config, "copy_next_match", False):  # only continuations of the query's own token
                 voters = voters & (pred_ids[:, None, :] == input_ids[:, :, None])
-            w = w + self.copy_votes(h, nkeys, voters, self.copy_next_query, self.copy_next_gate)
+                if self.config.copy_start_ids:  # and of the token before it (any entry start matching any other)
+                    starts = self._ids(self.config.copy_start_ids, h)
+                    canon = lambda x: x.masked_fill(torch.isin(x, starts), -1)  # noqa: E731
+                    q_prev, q_has = pred_ids[:, -q_len:], has[:, -q_len:]  # the query's own predecessor
+                    voters = voters & has2[:, None, :] & q_has[:, :, None] & (
+                        canon(pred2_ids)[:, None, :] == canon(q_prev)[:, :, None])
+            w_next = self.copy_votes(h, nkeys, voters, self.copy_next_query, self.copy_next_gate)
+            if self.config.copy_close_ids:  # a vote for an entry's closing token is a vote for EOS
+                ends = torch.isin(ids, self._ids(self.config.copy_close_ids, h))
+                ids = torch.cat([ids, ids.masked_fill(ends, self.config.eos_token_id)], 1)
+                w = torch.cat([w, w_next], -1)
+            else:
+                w = w + w_next
         ids = ids[:, None, :].expand(B, q_len, ids.shape[1])
         if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dtype == torch.bool:
             h, w, ids = h[logits_to_keep], w[logits_to_keep], ids[logits_to_keep]  # (n, ...) in row-major order

@@ -12,12 +12,14 @@ import scoring
 import tiny_model
 
 
-@pytest.fixture(scope="module", params=[(False, False), (True, False), (True, True)],
-                ids=["copy", "copy+next", "copy+next+match"])
+@pytest.fixture(scope="module", params=[(False, False, False), (True, False, False), (True, True, False),
+                                        (True, True, True)],
+                ids=["copy", "copy+next", "copy+next+match", "copy+next+match+entries"])
 def small(request):
     """A small random napo_tiny whose votes are strong (bias +2, lift e^2), so any path that mishandles
-    them shows; without and with the next-token votes (copy_next), and those only from continuations of
-    the query's own token (copy_next_match)."""
+    them shows; without and with the next-token votes (copy_next), those only from continuations of
+    the query's own token (copy_next_match), and along the list's entries (copy_open_ids / copy_close_ids /
+    copy_start_ids: modeling.list_delimiters)."""
     torch.manual_seed(0)
     catalog = di.load_catalog("lastfm")
     tok = modeling.build_tiny_tokenizer(catalog, 2000, True)
@@ -25,7 +27,9 @@ def small(request):
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=4, tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, copy_bias=2.0, copy_log_scale=2.0,
-        copy_next=request.param[0], copy_next_match=request.param[1])
+        copy_next=request.param[0], copy_next_match=request.param[1],
+        **dict(zip(("copy_open_ids", "copy_close_ids", "copy_start_ids"),
+                   modeling.list_delimiters(tok) if request.param[2] else ())))
     model = tiny_model.TinyCopyForCausalLM(cfg).eval()
     rng = random.Random(0)
     prompts = [modeling.list_prompt(catalog, rng) for _ in range(3)]
@@ -34,13 +38,26 @@ def small(request):
 
 def test_lift_is_exact_and_only_on_tokens_in_the_context(small):
     model, tok, _, prompts = small
+    cfg = model.config
+    opening, closing, starts = cfg.copy_open_ids or [], cfg.copy_close_ids or [], cfg.copy_start_ids or []
     ids = tok(prompts[0][0])["input_ids"]
-    ids = torch.tensor([ids + ids[5:6]])  # the last token also occurs earlier (a continuation to copy)
+    if not closing:  # the last token also occurs earlier (a continuation to copy)
+        ids = torch.tensor([ids + ids[5:6]])
+    else:  # with entries: a listed entry's title, after another entry start than in the list (they count as one);
+        # the same title also once after a token that is no start (its continuation only matches on one token)
+        k = next(k for k in range(1, len(ids) - 1) if ids[k + 1] in closing and ids[k - 1] in starts)
+        other = next(t for t in starts if t != ids[k - 1] and t not in closing)
+        assert ids[-1] not in starts
+        ids = torch.tensor([ids + [ids[k], ids[k + 1], other, ids[k]]])
     with torch.no_grad():
         logits = model(input_ids=ids, use_cache=False).logits[0, -1]
         plain = model.lm_head(model.model(input_ids=ids).last_hidden_state)[0, -1]
         h = model.model(input_ids=ids).last_hidden_state
         w = model.copy_votes(h[:, -1:], model.copy_key(h), torch.ones(1, 1, ids.shape[1], dtype=torch.bool))[0, 0]
+        if opening:  # only an entry's first piece votes: the position right after an opening token
+            firsts = torch.tensor([False] + [t in opening for t in ids[0, :-1].tolist()])
+            assert 0 < int(firsts.sum()) < len(firsts)
+            w = w * firsts
         expect = torch.zeros(len(tok)).index_add(0, ids[0], w)
         if model.config.copy_next:  # position j votes for its token with the key of position j - 1, by hand
             q = model.copy_next_query(h[0, -1])
@@ -50,14 +67,26 @@ def test_lift_is_exact_and_only_on_tokens_in_the_context(small):
             if model.config.copy_next_match:  # only where the predecessor's token is the query's (the last) token
                 match = ids[0, :-1] == ids[0, -1]
                 assert 0 < int(match.sum()) < len(match)  # the mask both keeps and drops votes here
+                if starts:  # and where the predecessor's predecessor is the query's predecessor, starts as one
+                    canon = lambda t: -1 if t in starts else t  # noqa: E731
+                    two = torch.tensor([False] + [canon(t) == canon(int(ids[0, -2])) for t in ids[0, :-2].tolist()])
+                    assert 0 < int((match & two).sum()) < int(match.sum())  # the second token drops a vote here
+                    match = match & two
                 w2 = w2 * match
-            expect = expect.index_add(0, ids[0, 1:], w2)
+            voted = ids[0, 1:].clone()
+            if closing:  # a vote for a closing token is one for EOS
+                voted[torch.tensor([t in closing for t in voted.tolist()])] = tok.eos_token_id
+            expect = expect.index_add(0, voted, w2)
     lift = logits - plain
-    seen = set(ids[0].tolist())
+    seen = set(ids[0].tolist()) | ({tok.eos_token_id} if closing else set())
     absent = [t for t in range(len(tok)) if t not in seen]
     assert lift[absent].abs().max() == 0  # a token not in the context is not touched
     assert torch.allclose(lift, expect, atol=1e-5)
-    assert lift[list(seen)].min() > 0.5  # and the votes are strong enough to matter in the tests below
+    lifted = [t for t in seen if expect[t] > 0]  # (with entries only entries' first pieces and continuations)
+    assert len(lifted) == len(seen) or opening
+    assert lift[lifted].min() > 0.5  # and the votes are strong enough to matter in the tests below
+    if closing:
+        assert lift[tok.eos_token_id] > 0.5 and (lift[closing] == 0).all()  # the entry's end voted EOS
 
 
 def test_cached_greedy_decoding_equals_full_forwards(small):
