@@ -82,7 +82,7 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens, tries=None):
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
                              max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
                              num_beams=1, **kwargs)
-    return [modeling.decode(tokenizer, o[width:]).strip() for o in out]
+    return [t.strip() for t in modeling.decode_many(tokenizer, [o[width:] for o in out])]
 
 
 @cli.validated(resume_from_checkpoint=cli.Rule(check=cli.existing_folder))  # an adapter folder, not True

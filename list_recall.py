@@ -64,25 +64,35 @@ def list_recall_probe(model, tokenizer, catalog, rows=500, seed=12345, batch_siz
 
 
 def window_ranking(model, tokenizer, catalog, rows: list[dict], batch_size=50) -> dict:
-    """HR@1 on eval rows (data_interface.eval_rows) of the window continuation's and of the answer's ranking of
-    the candidates, by their first tokens (see the module's docstring)."""
+    """On eval rows (data_interface.eval_rows), the candidates ranked by the window continuation and by the
+    answer, by their first tokens (see the module's docstring): each one's HR@1 and the target's mean rank
+    (1..20), and answer_rank_corr, the mean over rows of the two rankings' rank correlation (Spearman; 1: the
+    answer ranks as the window does, negative: against it)."""
     import torch
 
     win_first = modeling.window_first_tokens(tokenizer, catalog)
     ans_first = modeling.answer_first_tokens(tokenizer, catalog)
     prefix = modeling.answer_prefix(tokenizer, catalog)  # the answer is chosen after it (tiny-bpe: the space)
-    hits = {"window": 0, "answer": 0}
+    hits, rank_sum, corr = {"window": 0, "answer": 0}, {"window": 0, "answer": 0}, 0.0
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
         windows = [tokenizer(di.quote_titles(catalog, r["history_ids"]) + modeling.WINDOW_NEXT,
                              add_special_tokens=False)["input_ids"] for r in batch]
         prompts = [modeling.encode_prompt_answers(tokenizer, r["prompt"], [])[0] + prefix for r in batch]
         target = torch.tensor([r["candidate_ids"].index(r["target_id"]) for r in batch])
+        ranks = {}
         for seqs, first, name in ((windows, win_first, "window"), (prompts, ans_first, "answer")):
-            choice = modeling.choice_logps(model, seqs, [[first[c] for c in r["candidate_ids"]] for r in batch],
-                                           tokenizer.pad_token_id).argmax(1).cpu()
-            hits[name] += int((choice == target).sum())
-    return {"rows": len(rows), "window_hr1": hits["window"] / len(rows), "answer_hr1": hits["answer"] / len(rows)}
+            logp = modeling.choice_logps(model, seqs, [[first[c] for c in r["candidate_ids"]] for r in batch],
+                                         tokenizer.pad_token_id).cpu()
+            hits[name] += int((logp.argmax(1) == target).sum())
+            rank_sum[name] += int((logp > logp.gather(1, target[:, None])).sum()) + len(batch)
+            ranks[name] = logp.argsort(1).argsort(1).double()  # 0 = lowest
+        a, b = (ranks[k] - ranks[k].mean(1, keepdim=True) for k in ("window", "answer"))
+        corr += float(((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))).sum())
+    n = len(rows)
+    return {"rows": n, "window_hr1": hits["window"] / n, "answer_hr1": hits["answer"] / n,
+            "window_mean_rank": rank_sum["window"] / n, "answer_mean_rank": rank_sum["answer"] / n,
+            "answer_rank_corr": corr / n}
 
 
 def probe(model="tiny", dataset="lastfm", rows=500, adapter=None):

@@ -44,6 +44,9 @@ TINY_DEFAULTS = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4
                      pretrain_max_steps=None, pretrain_list_loss="set", pretrain_distill_start=None,
                      pretrain_dense_copy=None,  # copy documents per window (pretraining_docs); None = none
                      pretrain_list_history=None, pretrain_length_pool=1, pretrain_pack=True, copy_head=True,
+                     # True: the list prompts' loss reaches the model's body only through the copy keys of the
+                     # context (the answer position's hidden state is detached); None: everywhere
+                     pretrain_list_detach=None,
                      copy_next=None,  # True: the copy head's next-token votes too (tiny-bpe); None = off
                      copy_next_match=None,  # True: those votes only from continuations of the query's token
                      copy_entries=None,  # True: the copy votes follow the list's quoted entries (list_delimiters)
@@ -302,7 +305,7 @@ def list_delimiters(tokenizer) -> tuple[list[int], list[int], list[int]]:
     (data_interface.quote_titles writes `"A", "B"`: those whose text ends, and those whose text starts, with
     the quote), and what comes before an entry's first token: an opening one, or the space token after the
     prompt's final colon (before the answer: `Answer:` + ` ` + title, with tiny-bpe's colon-space tokenizer)."""
-    texts = [decode(tokenizer, [t]) for t in range(len(tokenizer))]
+    texts = decode_many(tokenizer, [[t] for t in range(len(tokenizer))])
     opening = [t for t, x in enumerate(texts) if x.endswith('"')]
     space = tokenizer(": ", add_special_tokens=False)["input_ids"][-1:]
     return opening, [t for t, x in enumerate(texts) if x.startswith('"')], opening + [t for t in space if texts[t] == " "]
@@ -569,14 +572,24 @@ def batch_inputs(model, batch, pad_token_id, pack: bool) -> dict:
     return dict(out, ids=ids, labels=labels, mask=mask, positions=mask.numel())
 
 
-def batch_loss(model, inputs: dict, list_loss="set", teacher=None) -> torch.Tensor:
+def batch_loss(model, inputs: dict, list_loss="set", teacher=None, list_detach=None) -> torch.Tensor:
     """One build step's loss (with gradient) from batch_inputs: packed, the logits of the scored positions
-    only (flat_pretrain_loss); padded, every position's (pretrain_loss). The same value either way."""
+    only (flat_pretrain_loss); padded, every position's (pretrain_loss). The same value either way.
+    list_detach (pretrain_list_detach): the list prompts' scored positions read a detached hidden state (the
+    model's detach_query), so their loss reaches the body only through the copy keys of their context."""
+    is_list = inputs["cand_first"][:, 0] >= 0
     if "packed" in inputs:
         p = inputs["packed"]
-        logits = scoring.kept_logits(model, p.ids, inputs["mask"], p.pos, p.keep)
+        extra = {}
+        if list_detach:
+            extra["detach_query"] = torch.zeros_like(p.keep).masked_scatter(p.keep, is_list[p.doc])
+        logits = scoring.kept_logits(model, p.ids, inputs["mask"], p.pos, p.keep, **extra)
         return flat_pretrain_loss(logits, p.targets, p.doc, inputs["cand_first"], list_loss, teacher, inputs["first_at"])
-    logits = model(input_ids=inputs["ids"], attention_mask=inputs["mask"]).logits
+    extra = {}
+    if list_detach:  # the positions predicting a list prompt's labels
+        scored = torch.nn.functional.pad(inputs["labels"][:, 1:] != -100, (0, 1), value=False)
+        extra["detach_query"] = scored & is_list[:, None]
+    logits = model(input_ids=inputs["ids"], attention_mask=inputs["mask"], **extra).logits
     return pretrain_loss(logits, inputs["labels"], inputs["cand_first"], list_loss, teacher, inputs["first_at"])
 
 
@@ -616,7 +629,7 @@ def _pretrain(model, tokenizer, catalog, opts: dict, log=print):
             log(f"[tiny] step {step}: distilling from a frozen copy of the model from here on", flush=True)
         teacher = (window_items(teacher_model, inputs["lists"], win_first, first_tokens, tokenizer.pad_token_id)
                    if step_loss == "distill" and inputs["lists"] else None)
-        loss = batch_loss(model, inputs, step_loss, teacher)
+        loss = batch_loss(model, inputs, step_loss, teacher, opts.get("pretrain_list_detach"))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -678,10 +691,13 @@ def build_tiny(dataset="lastfm", output_dir=None, **overrides) -> Path:
     if opts["pretrain_list_history"] not in (None, "train", "train+next"):
         raise ModelError(f"pretrain_list_history {opts['pretrain_list_history']!r}: None (random titles), train or "
                          "train+next")
+    if opts["pretrain_list_detach"] not in (None, False, True) or (opts["pretrain_list_detach"] and not opts["copy_head"]):
+        raise ModelError(f"pretrain_list_detach {opts['pretrain_list_detach']!r}: None (off) or True (with the copy head)")
     if opts["copy_entries"] not in (None, False, True):
         raise ModelError(f"copy_entries {opts['copy_entries']!r}: None (off) or True (the votes follow the list's entries)")
     if opts["copy_entries"] and not (opts["copy_next"] and opts["copy_next_match"]):
         raise ModelError("copy_entries needs copy_next and copy_next_match (it extends the matched next-token votes)")
+    t_build = time.time()
     catalog = di.load_catalog(dataset)
     torch.manual_seed(opts["seed"])
     tokenizer = tiny_tokenizer(catalog, opts)
@@ -696,6 +712,8 @@ def build_tiny(dataset="lastfm", output_dir=None, **overrides) -> Path:
           f"prompts (P(answer in history) {probe['p_answer_in_history']:.3f}; chance {di.NUM_CANDIDATES / catalog.n_items:.3f}); "
           f"its top candidate is its window continuation's top in {probe['top1_agrees_with_window']:.0%} (chance 5%)",
           flush=True)
+    seconds_build = round(time.time() - t_build, 1)
+    print(f"[tiny] built in {seconds_build:.0f}s (tokenizer, documents, pretraining, probe)", flush=True)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -703,7 +721,7 @@ def build_tiny(dataset="lastfm", output_dir=None, **overrides) -> Path:
     tokenizer.save_pretrained(out)
     info = {"builder_version": BUILDER_VERSION, "dataset": catalog.name, "options": opts,
             "data_fingerprint": di.data_fingerprint(catalog), "n_params": sum(p.numel() for p in model.parameters()),
-            "state_sha256": state_hash(model), "pretrain_profile": profile,
+            "state_sha256": state_hash(model), "seconds_build": seconds_build, "pretrain_profile": profile,
             "list_recall_probe": probe}
     (out / "napo_build.json").write_text(json.dumps(info, indent=2))
     return out
@@ -1206,18 +1224,25 @@ def decode(tokenizer, ids) -> str:
     embedded model's whole-title tokens), the added tokens are byte-encoded like ordinary tokens before the
     bytes are decoded, because the stock decoder would mangle non-ASCII titles ("Björk" -> "Bj\ufffdrk").
     (A title token absorbs the one space before it, so an answer " Björk" decodes to "Björk".)"""
-    ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+    return decode_many(tokenizer, [ids])[0]
+
+
+def decode_many(tokenizer, seqs) -> list[str]:
+    """decode of each token-id sequence, the tokenizer's tables read once (reading its added tokens takes
+    ~8 ms: per generated answer, or per vocabulary entry, that was most of the time)."""
+    seqs = [s.tolist() if hasattr(s, "tolist") else list(s) for s in seqs]
     added = {i: t.content for i, t in tokenizer.added_tokens_decoder.items() if not t.special}
     decoder = tokenizer.backend_tokenizer.decoder
     if not added or type(decoder).__name__ != "ByteLevel":
-        return tokenizer.decode(ids, skip_special_tokens=True)
+        return tokenizer.batch_decode(seqs, skip_special_tokens=True)
     special = set(tokenizer.all_special_ids)
-    pieces = []
-    for i in ids:
-        if i in special:
-            continue
-        pieces.append("".join(_B2U[b] for b in added[i].encode()) if i in added else tokenizer.convert_ids_to_tokens(i))
-    return bytes(_U2B[c] for c in "".join(pieces)).decode("utf-8", errors="replace")
+    added = {i: "".join(_B2U[b] for b in t.encode()) for i, t in added.items()}
+    out = []
+    for ids in seqs:
+        ids = [i for i in ids if i not in special]
+        pieces = [added.get(i) or tok for i, tok in zip(ids, tokenizer.convert_ids_to_tokens(ids))]
+        out.append(bytes(_U2B[c] for c in "".join(pieces)).decode("utf-8", errors="replace"))
+    return out
 
 
 if __name__ == "__main__":

@@ -64,14 +64,16 @@ def _bool_logits_to_keep() -> bool:
     return hasattr(mu, "slice_logits_to_keep")
 
 
-def kept_logits(model, ids, mask, pos, keep) -> torch.Tensor:
+def kept_logits(model, ids, mask, pos, keep, **extra) -> torch.Tensor:
     """(n, V) logits of the n positions where the bool (R, L) `keep` is True, in row-major order: one forward
-    of the full model with a boolean `logits_to_keep` (older transformers: every position, then the kept ones)."""
+    of the full model with a boolean `logits_to_keep` (older transformers: every position, then the kept ones).
+    `extra`: further keywords of the model's forward."""
     R, L = ids.shape
     if _bool_logits_to_keep():
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep, use_cache=False).logits
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep, use_cache=False,
+                       **extra).logits
     else:  # every position's logits, then the kept ones in the same row-major order
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **extra).logits
         logits = logits.reshape(R * L, -1)[keep.reshape(-1)]
     n_keep = int(keep.sum())
     if logits.shape[:-1] != (n_keep,):

@@ -178,7 +178,7 @@ class TinyCopyForCausalLM(LlamaForCausalLM):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 labels=None, use_cache=None, logits_to_keep=0, fused_lm_head=False, shift_labels=None,
-                num_items_in_batch=None, **kwargs):
+                num_items_in_batch=None, detach_query=None, **kwargs):
         if fused_lm_head:  # TRL's trainers: per-token log-probs of the labels, through the copy head too;
             # logits only where a label is scored (an SFT row's answer: ~3 of ~90 positions), as TRL's own head does
             shifted = labels[:, 1:] if shift_labels is None else shift_labels
@@ -195,6 +195,11 @@ class TinyCopyForCausalLM(LlamaForCausalLM):
                          cache=cache, use_cache=use_cache, **kwargs)
         h = out.last_hidden_state
         keys, ids = self.copy_key(h), input_ids
+        if detach_query is not None:  # (B, q) bool, the build's pretrain_list_detach: these positions' queries and
+            # LM-head inputs read a detached hidden state (their loss reaches the body through the keys only)
+            h_keys, h = h, torch.where(detach_query[..., None], h.detach(), h)
+        else:
+            h_keys = h
         state = out.cache if use_cache is not False else None
         if state is not None and getattr(state, "napo_copy", None) is not None:
             keys = torch.cat([state.napo_copy[0], keys], 1)
@@ -206,7 +211,7 @@ class TinyCopyForCausalLM(LlamaForCausalLM):
         if not getattr(self.config, "copy_next", False):
             w = self.copy_votes(h, keys, allowed)
         else:  # the next-token votes, for the same tokens
-            nkeys, has, pred_ids, has2, pred2_ids = self.next_keys(h, input_ids, attention_mask, state)
+            nkeys, has, pred_ids, has2, pred2_ids = self.next_keys(h_keys, input_ids, attention_mask, state)
             first = allowed
             if self.config.copy_open_ids:  # first votes only from an entry's first piece
                 first = first & (has & torch.isin(pred_ids, self._ids(self.config.copy_open_ids, h)))[:, None, :]

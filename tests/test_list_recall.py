@@ -30,6 +30,8 @@ def test_build_records_list_recall_far_above_a_plain_model(builds):
     assert q["p_answer_in_list"] < 0.05, q
     assert p["p_answer_in_history"] < 0.01, p  # it answers from the candidates, not from the history
     assert copy["pretrain_profile"]["steps"] == SMALL["pretrain_max_steps"]
+    prof = copy["pretrain_profile"]  # the whole build's time includes its steps and tokenising
+    assert copy["seconds_build"] >= prof["seconds_steps"] + prof["seconds_tokenise_pad"] - 0.2, copy
 
 
 def test_bpe_build_learns_to_answer_from_the_list(small_bpe_model):
@@ -275,16 +277,29 @@ def test_window_ranking_is_two_argmaxes_by_hand(small_model):
     rows = di.eval_rows(catalog, "test", "clean", max_samples=12)
     got = list_recall.window_ranking(model, tok, catalog, rows, batch_size=5)
     win_first, ans_first = modeling.window_first_tokens(tok, catalog), modeling.answer_first_tokens(tok, catalog)
-    hits = [0, 0]
+    hits, rank_sum, corr = [0, 0], [0, 0], 0.0
     for r in rows:
         seqs = (tok(di.quote_titles(catalog, r["history_ids"]) + ', "', add_special_tokens=False)["input_ids"],
                 tok(r["prompt"])["input_ids"])
+        scores = []
         for k, (seq, first) in enumerate(zip(seqs, (win_first, ans_first))):
             with torch.no_grad():
                 logits = model(torch.tensor([seq])).logits[0, -1]
-            pick = r["candidate_ids"][int(logits[[first[c] for c in r["candidate_ids"]]].argmax())]
-            hits[k] += pick == r["target_id"]
-    assert got == {"rows": 12, "window_hr1": hits[0] / 12, "answer_hr1": hits[1] / 12}
+            cand = [float(x) for x in logits[[first[c] for c in r["candidate_ids"]]]]
+            t = r["candidate_ids"].index(r["target_id"])
+            hits[k] += max(range(20), key=cand.__getitem__) == t
+            rank_sum[k] += 1 + sum(x > cand[t] for x in cand)
+            scores.append(cand)
+        # Spearman by hand: the Pearson correlation of the two rank vectors
+        rk = [[sorted(s).index(x) for x in s] for s in scores]
+        mean = 9.5
+        num = sum((a - mean) * (b - mean) for a, b in zip(*rk))
+        den = math.sqrt(sum((a - mean) ** 2 for a in rk[0]) * sum((b - mean) ** 2 for b in rk[1]))
+        corr += num / den
+    want = {"rows": 12, "window_hr1": hits[0] / 12, "answer_hr1": hits[1] / 12, "window_mean_rank": rank_sum[0] / 12,
+            "answer_mean_rank": rank_sum[1] / 12, "answer_rank_corr": corr / 12}
+    assert {k: v for k, v in got.items() if k != "answer_rank_corr"} == {k: v for k, v in want.items() if k != "answer_rank_corr"}
+    assert abs(got["answer_rank_corr"] - want["answer_rank_corr"]) < 1e-9, (got, want)
 
 
 def test_distill_start_freezes_a_copy_of_the_model_as_the_teacher(monkeypatch):
@@ -360,3 +375,34 @@ def test_dense_copy_documents_repeat_their_list_and_leave_the_default_docs_alone
         assert "," + ",".join(map(str, scored[1:-1])) + "," in prompt + ","  # after the space: a verbatim copy
     with pytest.raises(modeling.ModelError, match="pretrain_dense_copy"):
         modeling.build_tiny("lastfm", "/nonexistent", **{**SMALL, "pretrain_dense_copy": 2})
+
+
+def test_list_detach_changes_only_the_bodys_gradient():
+    """pretrain_list_detach: the list prompts' scored positions read a detached hidden state, packed or padded.
+    The loss is the same value, and so are the gradients of what sits after the hidden state (the copy query
+    and gate, the final layer's input to the LM head is detached, not the head); the body's gradient differs
+    (the list prompts no longer reach it at their answer position), the same way packed and padded."""
+    import torch
+
+    tok, first, win_first, batch = _build_batch()
+    torch.manual_seed(0)
+    model = modeling.new_tiny_llama(tok, dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                              num_key_value_heads=2, intermediate_size=128, copy_head=True))
+    grads = {}
+    for pack in (False, True):
+        for detach in (None, True):
+            inputs = modeling.batch_inputs(model, batch, tok.pad_token_id, pack)
+            model.zero_grad()
+            loss = modeling.batch_loss(model, inputs, "set", None, detach)
+            loss.backward()
+            grads[pack, detach] = (loss.item(), {n: q.grad.clone() for n, q in model.named_parameters()
+                                                 if q.grad is not None})
+    for pack in (False, True):
+        (l0, g0), (l1, g1) = grads[pack, None], grads[pack, True]
+        assert abs(l0 - l1) < 1e-6 * abs(l0)
+        for n in ("copy_query.weight", "copy_gate"):
+            assert torch.allclose(g0[n], g1[n], rtol=1e-5, atol=1e-7), n
+        body = [n for n in g0 if ".layers." in n]
+        assert max((g0[n] - g1[n]).abs().max().item() for n in body) > 1e-4 * max(g0[n].abs().max().item() for n in body)
+    for n, g in grads[False, True][1].items():  # packed = padded with the detach too
+        assert torch.allclose(g, grads[True, True][1][n], rtol=1e-4, atol=1e-6 * g.abs().max().item() + 1e-9), n
