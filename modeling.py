@@ -44,9 +44,11 @@ TINY_DEFAULTS = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4
                      pretrain_max_steps=None, pretrain_list_loss="set", pretrain_distill_start=None,
                      pretrain_dense_copy=None,  # copy documents per window (pretraining_docs); None = none
                      pretrain_list_history=None, pretrain_length_pool=1, pretrain_pack=True, copy_head=True,
-                     # True: the list prompts' loss reaches the model's body only through the copy keys of the
-                     # context (the answer position's hidden state is detached); None: everywhere
-                     pretrain_list_detach=None,
+                     # "lm": a list answer's first token reaches the model only through the copy head (its
+                     # LM-head logits detached), so the list loss never pushes down the titles the history
+                     # suggests; True: only through the copy keys of the context (the answer position's hidden
+                     # state detached); None: everywhere (the previous default)
+                     pretrain_list_detach="lm",
                      copy_next=None,  # True: the copy head's next-token votes too (tiny-bpe); None = off
                      copy_next_match=None,  # True: those votes only from continuations of the query's token
                      copy_entries=None,  # True: the copy votes follow the list's quoted entries (list_delimiters)
@@ -57,7 +59,8 @@ TINY_DEFAULTS = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4
 # query's own token: an induction head) along the list's quoted entries (the first votes from entries' first
 # pieces, the end of an entry voting for EOS); more list prompts and some dense copy documents, fewer epochs
 TINY_BPE = dict(item_tokens=False, bpe_colon_space=True, copy_next=True, copy_next_match=True, copy_entries=True,
-                pretrain_epochs=4, pretrain_recall=1.5, pretrain_dense_copy=0.3)
+                pretrain_epochs=4, pretrain_recall=1.5, pretrain_dense_copy=0.3,
+                pretrain_list_detach=None)  # its measured recipe; not yet measured with "lm"
 # the embedded models by --base_model name: their build options on top of TINY_DEFAULTS
 EMBEDDED = {"tiny": {}, "tiny-bpe": TINY_BPE}
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -401,6 +404,18 @@ def pretrain_loss(logits, labels, cand_first, list_loss="set", teacher=None, fir
                               list_loss, teacher, first_at)
 
 
+def list_answer_first(doc, cand_first, first_at=None) -> torch.Tensor:
+    """Indices, among the n scored positions of flat_pretrain_loss (doc (n,) their documents), of the positions
+    predicting each list prompt's first answer token (after first_at[d] shared tokens), in document order."""
+    starts = torch.ones_like(doc, dtype=torch.bool)
+    starts[1:] = doc[1:] != doc[:-1]
+    first = (starts & (cand_first[:, 0] >= 0)[doc]).nonzero()[:, 0]
+    first = first[doc[first].argsort()]  # in document order, as the teacher's rows
+    if first_at is not None:  # after the tokens every answer starts with (tiny-bpe: the space)
+        first = first + first_at[doc[first]]
+    return first
+
+
 def flat_pretrain_loss(logits, targets, doc, cand_first, list_loss="set", teacher=None, first_at=None) -> torch.Tensor:
     """Next-token cross-entropy with the two kinds of document weighted alike: the mean over the windows'
     tokens + the mean over the list prompts' answer tokens (one title + EOS each, ~1% of the tokens: counted
@@ -420,12 +435,7 @@ def flat_pretrain_loss(logits, targets, doc, cand_first, list_loss="set", teache
     ce = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
     is_list = (cand_first[:, 0] >= 0)[doc]
     if list_loss in ("set", "distill") and is_list.any():
-        starts = torch.ones_like(doc, dtype=torch.bool)
-        starts[1:] = doc[1:] != doc[:-1]
-        first = (starts & is_list).nonzero()[:, 0]  # the position predicting each list answer's first token
-        first = first[doc[first].argsort()]  # in document order, as the teacher's rows
-        if first_at is not None:  # after the tokens every answer starts with (tiny-bpe: the space)
-            first = first + first_at[doc[first]]
+        first = list_answer_first(doc, cand_first, first_at)
         logp = logits[first].float().log_softmax(-1)
         extra = -torch.logsumexp(logp.gather(-1, cand_first[doc[first]]), -1)
         if list_loss == "distill":
@@ -576,17 +586,31 @@ def batch_loss(model, inputs: dict, list_loss="set", teacher=None, list_detach=N
     """One build step's loss (with gradient) from batch_inputs: packed, the logits of the scored positions
     only (flat_pretrain_loss); padded, every position's (pretrain_loss). The same value either way.
     list_detach (pretrain_list_detach): the list prompts' scored positions read a detached hidden state (the
-    model's detach_query), so their loss reaches the body only through the copy keys of their context."""
+    model's detach_query), so their loss reaches the body only through the copy keys of their context;
+    "lm": the positions predicting a list answer's first token take their LM-head logits detached (the model's
+    detach_lm), so the list loss lifts the candidates through the copy head only and never pushes the LM's
+    own ranking of the titles (the value and the copy head's gradients are unchanged)."""
     is_list = inputs["cand_first"][:, 0] >= 0
+
+    def first_mask(keep, doc):  # (R, L) bool: the kept positions predicting a list answer's first token
+        flat = torch.zeros(int(keep.sum()), dtype=torch.bool)
+        flat[list_answer_first(doc, inputs["cand_first"], inputs["first_at"])] = True
+        return torch.zeros_like(keep).masked_scatter(keep, flat)
+
     if "packed" in inputs:
         p = inputs["packed"]
         extra = {}
-        if list_detach:
+        if list_detach == "lm":
+            extra["detach_lm"] = first_mask(p.keep, p.doc)
+        elif list_detach:
             extra["detach_query"] = torch.zeros_like(p.keep).masked_scatter(p.keep, is_list[p.doc])
         logits = scoring.kept_logits(model, p.ids, inputs["mask"], p.pos, p.keep, **extra)
         return flat_pretrain_loss(logits, p.targets, p.doc, inputs["cand_first"], list_loss, teacher, inputs["first_at"])
     extra = {}
-    if list_detach:  # the positions predicting a list prompt's labels
+    if list_detach == "lm":
+        keep = inputs["labels"][:, 1:] != -100
+        extra["detach_lm"] = torch.nn.functional.pad(first_mask(keep, keep.nonzero()[:, 0]), (0, 1), value=False)
+    elif list_detach:  # the positions predicting a list prompt's labels
         scored = torch.nn.functional.pad(inputs["labels"][:, 1:] != -100, (0, 1), value=False)
         extra["detach_query"] = scored & is_list[:, None]
     logits = model(input_ids=inputs["ids"], attention_mask=inputs["mask"], **extra).logits
@@ -691,8 +715,9 @@ def build_tiny(dataset="lastfm", output_dir=None, **overrides) -> Path:
     if opts["pretrain_list_history"] not in (None, "train", "train+next"):
         raise ModelError(f"pretrain_list_history {opts['pretrain_list_history']!r}: None (random titles), train or "
                          "train+next")
-    if opts["pretrain_list_detach"] not in (None, False, True) or (opts["pretrain_list_detach"] and not opts["copy_head"]):
-        raise ModelError(f"pretrain_list_detach {opts['pretrain_list_detach']!r}: None (off) or True (with the copy head)")
+    if opts["pretrain_list_detach"] not in (None, False, True, "lm") or (opts["pretrain_list_detach"] and not opts["copy_head"]):
+        raise ModelError(f"pretrain_list_detach {opts['pretrain_list_detach']!r}: None (off), True or \"lm\" (with the "
+                         "copy head)")
     if opts["copy_entries"] not in (None, False, True):
         raise ModelError(f"copy_entries {opts['copy_entries']!r}: None (off) or True (the votes follow the list's entries)")
     if opts["copy_entries"] and not (opts["copy_next"] and opts["copy_next_match"]):

@@ -178,7 +178,7 @@ class TinyCopyForCausalLM(LlamaForCausalLM):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 labels=None, use_cache=None, logits_to_keep=0, fused_lm_head=False, shift_labels=None,
-                num_items_in_batch=None, detach_query=None, **kwargs):
+                num_items_in_batch=None, detach_query=None, detach_lm=None, **kwargs):
         if fused_lm_head:  # TRL's trainers: per-token log-probs of the labels, through the copy head too;
             # logits only where a label is scored (an SFT row's answer: ~3 of ~90 positions), as TRL's own head does
             shifted = labels[:, 1:] if shift_labels is None else shift_labels
@@ -233,13 +233,20 @@ class TinyCopyForCausalLM(LlamaForCausalLM):
             else:
                 w = w + w_next
         ids = ids[:, None, :].expand(B, q_len, ids.shape[1])
+        dl = detach_lm if detach_lm is not None else h.new_zeros(B, q_len, dtype=torch.bool)
         if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dtype == torch.bool:
-            h, w, ids = h[logits_to_keep], w[logits_to_keep], ids[logits_to_keep]  # (n, ...) in row-major order
+            # (n, ...) in row-major order
+            h, w, ids, dl = h[logits_to_keep], w[logits_to_keep], ids[logits_to_keep], dl[logits_to_keep]
         elif isinstance(logits_to_keep, int) and logits_to_keep > 0:
-            h, w, ids = h[:, -logits_to_keep:], w[:, -logits_to_keep:], ids[:, -logits_to_keep:]
+            k = logits_to_keep
+            h, w, ids, dl = h[:, -k:], w[:, -k:], ids[:, -k:], dl[:, -k:]
         elif not isinstance(logits_to_keep, int):
             raise ValueError("napo_tiny: logits_to_keep must be an int or a boolean mask")
         logits = self.lm_head(h)
+        if detach_lm is not None:  # the build's pretrain_list_detach="lm": these positions' LM-head logits carry no
+            # gradient (neither to the hidden state nor to the tied head), only their copy votes do
+            frozen = torch.nn.functional.linear(h.detach(), self.lm_head.weight.detach())
+            logits = torch.where(dl[..., None], frozen.to(logits.dtype), logits)
         logits = logits + torch.zeros_like(logits).scatter_add(-1, ids, w.to(logits.dtype))
         loss = None
         if labels is not None:

@@ -323,9 +323,9 @@ def test_distill_start_freezes_a_copy_of_the_model_as_the_teacher(monkeypatch):
                                     modeling.state_hash(model)))
             return real_items(teacher, *a, **k)
 
-        def loss(m, inputs, list_loss="set", teacher=None):
+        def loss(m, inputs, list_loss="set", teacher=None, list_detach=None):
             seen["loss"].append(list_loss)
-            return real_loss(m, inputs, list_loss, teacher)
+            return real_loss(m, inputs, list_loss, teacher, list_detach)
 
         monkeypatch.setattr(modeling, "window_items", items)
         monkeypatch.setattr(modeling, "batch_loss", loss)
@@ -390,7 +390,7 @@ def test_list_detach_changes_only_the_bodys_gradient():
                                               num_key_value_heads=2, intermediate_size=128, copy_head=True))
     grads = {}
     for pack in (False, True):
-        for detach in (None, True):
+        for detach in (None, True, "lm"):
             inputs = modeling.batch_inputs(model, batch, tok.pad_token_id, pack)
             model.zero_grad()
             loss = modeling.batch_loss(model, inputs, "set", None, detach)
@@ -404,5 +404,37 @@ def test_list_detach_changes_only_the_bodys_gradient():
             assert torch.allclose(g0[n], g1[n], rtol=1e-5, atol=1e-7), n
         body = [n for n in g0 if ".layers." in n]
         assert max((g0[n] - g1[n]).abs().max().item() for n in body) > 1e-4 * max(g0[n].abs().max().item() for n in body)
-    for n, g in grads[False, True][1].items():  # packed = padded with the detach too
-        assert torch.allclose(g, grads[True, True][1][n], rtol=1e-4, atol=1e-6 * g.abs().max().item() + 1e-9), n
+    for detach in (True, "lm"):
+        for n, g in grads[False, detach][1].items():  # packed = padded with the detach too
+            assert torch.allclose(g, grads[True, detach][1][n], rtol=1e-4, atol=1e-6 * g.abs().max().item() + 1e-9), n
+
+
+def test_list_detach_lm_keeps_the_copy_heads_gradient_and_frees_the_lm_head():
+    """pretrain_list_detach="lm": the list answers' first tokens take their LM-head logits detached. The loss
+    value is the same, and so is every gradient that reaches the loss only through the copy votes (the copy
+    query, key and gate); the tied embedding / LM head and the body get a different gradient. With no list
+    prompt in the batch (windows only) nothing changes at all."""
+    import torch
+
+    tok, first, win_first, batch = _build_batch()
+    torch.manual_seed(0)
+    model = modeling.new_tiny_llama(tok, dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                              num_key_value_heads=2, intermediate_size=128, copy_head=True))
+
+    def run(docs, detach):
+        inputs = modeling.batch_inputs(model, docs, tok.pad_token_id, True)
+        model.zero_grad()
+        loss = modeling.batch_loss(model, inputs, "set", None, detach)
+        loss.backward()
+        return loss.item(), {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}
+
+    (l0, g0), (l1, g1) = run(batch, None), run(batch, "lm")
+    assert abs(l0 - l1) < 1e-6 * abs(l0)
+    for n in ("copy_query.weight", "copy_key.weight", "copy_gate"):
+        assert torch.allclose(g0[n], g1[n], rtol=1e-5, atol=1e-7), n
+    for n in ("model.embed_tokens.weight", "model.layers.1.mlp.down_proj.weight"):
+        assert (g0[n] - g1[n]).abs().max().item() > 1e-3 * g0[n].abs().max().item(), n
+    windows = [b for b in batch if b[2] is None]
+    assert windows and len(windows) < len(batch)
+    (w0, h0), (w1, h1) = run(windows, None), run(windows, "lm")
+    assert w0 == w1 and all(torch.equal(h0[n], h1[n]) for n in h0)
