@@ -716,8 +716,8 @@ def build_tiny(dataset="lastfm", output_dir=None, **overrides) -> Path:
         raise ModelError(f"pretrain_list_history {opts['pretrain_list_history']!r}: None (random titles), train or "
                          "train+next")
     if opts["pretrain_list_detach"] not in (None, False, True, "lm") or (opts["pretrain_list_detach"] and not opts["copy_head"]):
-        raise ModelError(f"pretrain_list_detach {opts['pretrain_list_detach']!r}: None (off), True or \"lm\" (with the "
-                         "copy head)")
+        raise ModelError(f"pretrain_list_detach {opts['pretrain_list_detach']!r}: None (off), True or \"lm\" (the "
+                         "default; both need the copy head: with copy_head=False pass pretrain_list_detach=None)")
     if opts["copy_entries"] not in (None, False, True):
         raise ModelError(f"copy_entries {opts['copy_entries']!r}: None (off) or True (the votes follow the list's entries)")
     if opts["copy_entries"] and not (opts["copy_next"] and opts["copy_next_match"]):

@@ -15,7 +15,8 @@ from conftest import SMALL
 @pytest.fixture(scope="module")
 def builds(small_model, tmp_path_factory):
     """The small test model (tests/conftest.py), and the same recipe without the copy head (a plain Llama)."""
-    plain = modeling.build_tiny("lastfm", tmp_path_factory.mktemp("plain"), **{**SMALL, "copy_head": False})
+    plain = modeling.build_tiny("lastfm", tmp_path_factory.mktemp("plain"), **{**SMALL, "copy_head": False,
+                                                                                  "pretrain_list_detach": None})
     return [json.loads((Path(p) / "napo_build.json").read_text()) for p in (small_model, plain)]
 
 
@@ -438,3 +439,5 @@ def test_list_detach_lm_keeps_the_copy_heads_gradient_and_frees_the_lm_head():
     assert windows and len(windows) < len(batch)
     (w0, h0), (w1, h1) = run(windows, None), run(windows, "lm")
     assert w0 == w1 and all(torch.equal(h0[n], h1[n]) for n in h0)
+    with pytest.raises(modeling.ModelError, match="with copy_head=False pass pretrain_list_detach=None"):
+        modeling.build_tiny("lastfm", "/nonexistent", **{**SMALL, "copy_head": False})  # "lm" needs the head
