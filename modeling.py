@@ -593,7 +593,7 @@ def batch_loss(model, inputs: dict, list_loss="set", teacher=None, list_detach=N
     is_list = inputs["cand_first"][:, 0] >= 0
 
     def first_mask(keep, doc):  # (R, L) bool: the kept positions predicting a list answer's first token
-        flat = torch.zeros(int(keep.sum()), dtype=torch.bool)
+        flat = torch.zeros(int(keep.sum()), dtype=torch.bool, device=keep.device)
         flat[list_answer_first(doc, inputs["cand_first"], inputs["first_at"])] = True
         return torch.zeros_like(keep).masked_scatter(keep, flat)
 

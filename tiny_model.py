@@ -233,20 +233,19 @@ class TinyCopyForCausalLM(LlamaForCausalLM):
             else:
                 w = w + w_next
         ids = ids[:, None, :].expand(B, q_len, ids.shape[1])
-        dl = detach_lm if detach_lm is not None else h.new_zeros(B, q_len, dtype=torch.bool)
         if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dtype == torch.bool:
-            # (n, ...) in row-major order
-            h, w, ids, dl = h[logits_to_keep], w[logits_to_keep], ids[logits_to_keep], dl[logits_to_keep]
+            sel = lambda x: x[logits_to_keep]  # noqa: E731  (n, ...) in row-major order
         elif isinstance(logits_to_keep, int) and logits_to_keep > 0:
-            k = logits_to_keep
-            h, w, ids, dl = h[:, -k:], w[:, -k:], ids[:, -k:], dl[:, -k:]
-        elif not isinstance(logits_to_keep, int):
+            sel = lambda x: x[:, -logits_to_keep:]  # noqa: E731
+        elif isinstance(logits_to_keep, int):
+            sel = lambda x: x  # noqa: E731
+        else:
             raise ValueError("napo_tiny: logits_to_keep must be an int or a boolean mask")
+        h, w, ids = sel(h), sel(w), sel(ids)
         logits = self.lm_head(h)
-        if detach_lm is not None:  # the build's pretrain_list_detach="lm": these positions' LM-head logits carry no
-            # gradient (neither to the hidden state nor to the tied head), only their copy votes do
-            frozen = torch.nn.functional.linear(h.detach(), self.lm_head.weight.detach())
-            logits = torch.where(dl[..., None], frozen.to(logits.dtype), logits)
+        if detach_lm is not None:  # (B, q) bool, the build's pretrain_list_detach="lm": these positions' LM-head
+            # logits carry no gradient (neither to the hidden state nor to the tied head), only their copy votes do
+            logits = torch.where(sel(detach_lm)[..., None], logits.detach(), logits)
         logits = logits + torch.zeros_like(logits).scatter_add(-1, ids, w.to(logits.dtype))
         loss = None
         if labels is not None:
