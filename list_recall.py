@@ -67,13 +67,17 @@ def window_ranking(model, tokenizer, catalog, rows: list[dict], batch_size=50) -
     """On eval rows (data_interface.eval_rows), the candidates ranked by the window continuation and by the
     answer, by their first tokens (see the module's docstring): each one's HR@1 and the target's mean rank
     (1..20), and answer_rank_corr, the mean over rows of the two rankings' rank correlation (Spearman; 1: the
-    answer ranks as the window does, negative: against it)."""
+    answer ranks as the window does, negative: against it). For a copy-head model also how the answer's logits
+    over the candidates split (mean over rows of the standard deviation over the 20): answer_copy_lift_std, the
+    copy head's lift (modeling.copy_lift; 0 = the same lift for every candidate, so the LM head alone ranks),
+    and answer_lm_std, the LM head's logits; both None for a plain model."""
     import torch
 
     win_first = modeling.window_first_tokens(tokenizer, catalog)
     ans_first = modeling.answer_first_tokens(tokenizer, catalog)
     prefix = modeling.answer_prefix(tokenizer, catalog)  # the answer is chosen after it (tiny-bpe: the space)
     hits, rank_sum, corr = {"window": 0, "answer": 0}, {"window": 0, "answer": 0}, 0.0
+    spread = {"answer_copy_lift_std": 0.0, "answer_lm_std": 0.0}
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
         windows = [tokenizer(di.quote_titles(catalog, r["history_ids"]) + modeling.WINDOW_NEXT,
@@ -81,18 +85,25 @@ def window_ranking(model, tokenizer, catalog, rows: list[dict], batch_size=50) -
         prompts = [modeling.encode_prompt_answers(tokenizer, r["prompt"], [])[0] + prefix for r in batch]
         target = torch.tensor([r["candidate_ids"].index(r["target_id"]) for r in batch])
         ranks = {}
+        lift = modeling.copy_lift(model, prompts, [[ans_first[c] for c in r["candidate_ids"]] for r in batch],
+                                  tokenizer.pad_token_id)
+        spread = None if lift is None else spread
         for seqs, first, name in ((windows, win_first, "window"), (prompts, ans_first, "answer")):
             logp = modeling.choice_logps(model, seqs, [[first[c] for c in r["candidate_ids"]] for r in batch],
                                          tokenizer.pad_token_id).cpu()
             hits[name] += int((logp.argmax(1) == target).sum())
             rank_sum[name] += int((logp > logp.gather(1, target[:, None])).sum()) + len(batch)
             ranks[name] = logp.argsort(1).argsort(1).double()  # 0 = lowest
+            if name == "answer" and spread is not None:  # the LM head's logits: the answer's less the lift
+                spread["answer_copy_lift_std"] += float(lift.cpu().std(1).sum())
+                spread["answer_lm_std"] += float((logp - lift.cpu()).std(1).sum())
         a, b = (ranks[k] - ranks[k].mean(1, keepdim=True) for k in ("window", "answer"))
         corr += float(((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))).sum())
     n = len(rows)
     return {"rows": n, "window_hr1": hits["window"] / n, "answer_hr1": hits["answer"] / n,
             "window_mean_rank": rank_sum["window"] / n, "answer_mean_rank": rank_sum["answer"] / n,
-            "answer_rank_corr": corr / n}
+            "answer_rank_corr": corr / n,
+            **{k: None if spread is None else spread[k] / n for k in ("answer_copy_lift_std", "answer_lm_std")}}
 
 
 def probe(model="tiny", dataset="lastfm", rows=500, adapter=None):

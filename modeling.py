@@ -505,10 +505,8 @@ def pack_batch(batch, pad_token_id, width=None) -> PackedBatch:
     return PackedBatch(ids, pos, allowed[:, None], keep, torch.tensor(targets), torch.tensor(docs), R * width)
 
 
-def choice_logps(model, seqs: list[list[int]], choices, pad_token_id, renormalise=True) -> torch.Tensor:
-    """(n, k) log-probs of the next token after each sequence at that row's k choice tokens (`choices`: (n, k)
-    token ids), renormalised over them (one no-gradient forward, right padding, read at each row's last real
-    position)."""
+def _right_padded(model, seqs: list[list[int]], pad_token_id):
+    """(ids, attention mask, (rows, last real positions)) of token-id lists, right padded, on the model's device."""
     width = max(map(len, seqs))
     ids = torch.full((len(seqs), width), pad_token_id)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -516,11 +514,33 @@ def choice_logps(model, seqs: list[list[int]], choices, pad_token_id, renormalis
         ids[j, :len(q)] = torch.tensor(q)
         mask[j, :len(q)] = 1
     device = next(model.parameters()).device
+    ids, mask = ids.to(device), mask.to(device)
+    return ids, mask, (torch.arange(len(seqs), device=device), mask.sum(1) - 1)
+
+
+def choice_logps(model, seqs: list[list[int]], choices, pad_token_id, renormalise=True) -> torch.Tensor:
+    """(n, k) log-probs of the next token after each sequence at that row's k choice tokens (`choices`: (n, k)
+    token ids), renormalised over them (one no-gradient forward, right padding, read at each row's last real
+    position)."""
+    ids, mask, last = _right_padded(model, seqs, pad_token_id)
     with torch.no_grad():
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-    logp = logits[torch.arange(len(seqs)), mask.sum(1).to(device) - 1].float().log_softmax(-1)
-    logp = logp.gather(-1, torch.as_tensor(choices, device=device))
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    logp = logits[last].float().log_softmax(-1).gather(-1, torch.as_tensor(choices, device=ids.device))
     return logp.log_softmax(-1) if renormalise else logp
+
+
+def copy_lift(model, seqs: list[list[int]], choices, pad_token_id) -> torch.Tensor | None:
+    """(n, k) how many logits the copy head adds to each row's k choice tokens (`choices`: (n, k) token ids) at
+    its last position — the model's logits minus its LM head's, both read as choice_logps reads them (right
+    padding, no gradient, an adapter included); None for a model without a copy head (a plain Llama)."""
+    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not hasattr(core, "copy_query"):
+        return None
+    ids, mask, last = _right_padded(model, seqs, pad_token_id)
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask).logits[last].float()
+        lm = core.lm_head(core.model(input_ids=ids, attention_mask=mask).last_hidden_state[last]).float()
+    return (full - lm).gather(-1, torch.as_tensor(choices, device=ids.device))
 
 
 def window_teacher(model, lists: list[ListDoc], pad_token_id) -> torch.Tensor:

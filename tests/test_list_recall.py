@@ -299,8 +299,40 @@ def test_window_ranking_is_two_argmaxes_by_hand(small_model):
         corr += num / den
     want = {"rows": 12, "window_hr1": hits[0] / 12, "answer_hr1": hits[1] / 12, "window_mean_rank": rank_sum[0] / 12,
             "answer_mean_rank": rank_sum[1] / 12, "answer_rank_corr": corr / 12}
-    assert {k: v for k, v in got.items() if k != "answer_rank_corr"} == {k: v for k, v in want.items() if k != "answer_rank_corr"}
+    assert {k: got[k] for k in want if k != "answer_rank_corr"} == {k: v for k, v in want.items() if k != "answer_rank_corr"}
     assert abs(got["answer_rank_corr"] - want["answer_rank_corr"]) < 1e-9, (got, want)
+    # the answer's logits split into the copy head's lift and the LM head's, by hand (one row at a time)
+    lift_std = lm_std = 0.0
+    for r in rows:
+        ids = torch.tensor([tok(r["prompt"])["input_ids"]])
+        with torch.no_grad():
+            full = model(ids).logits[0, -1]
+            lm = model.lm_head(model.model(ids).last_hidden_state[0, -1])
+        c = [ans_first[i] for i in r["candidate_ids"]]
+        lift_std += float((full - lm)[c].std()) / 12
+        lm_std += float(lm[c].std()) / 12
+    assert got["answer_copy_lift_std"] > 0.01 and abs(got["answer_copy_lift_std"] - lift_std) < 1e-4, (got, lift_std)
+    assert abs(got["answer_lm_std"] - lm_std) < 1e-4, (got, lm_std)
+
+
+def test_copy_lift_is_the_copy_heads_votes_only(small_model):
+    """modeling.copy_lift: a token the prompt holds gets a lift, one it does not hold gets none (0 up to float
+    rounding: the LM head's logits are what is left), in a padded row too; a plain Llama has no copy head (None)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(small_model).eval()
+    tok = AutoTokenizer.from_pretrained(small_model)
+    catalog = di.load_catalog("lastfm")
+    first = modeling.answer_first_tokens(tok, catalog)
+    row = di.eval_rows(catalog, "test", "clean", max_samples=1)[0]
+    absent = [i for i in range(catalog.n_items) if i not in row["candidate_ids"] and i not in row["history_ids"]][:3]
+    prompt = tok(row["prompt"])["input_ids"]
+    lift = modeling.copy_lift(model, [prompt, prompt[:-3]], [[first[i] for i in row["candidate_ids"][:3] + absent]] * 2,
+                              tok.pad_token_id)
+    assert lift.shape == (2, 6) and (lift[:, :3] > 0.1).all() and (lift[:, 3:].abs() < 1e-5).all(), lift
+    plain = modeling.new_tiny_llama(tok, dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                              num_key_value_heads=2, intermediate_size=64, copy_head=False))
+    assert modeling.copy_lift(plain, [prompt], [[first[i] for i in absent]], tok.pad_token_id) is None
 
 
 def test_distill_start_freezes_a_copy_of_the_model_as_the_teacher(monkeypatch):
