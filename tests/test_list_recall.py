@@ -318,6 +318,7 @@ def test_window_ranking_is_two_argmaxes_by_hand(small_model):
 def test_copy_lift_is_the_copy_heads_votes_only(small_model):
     """modeling.copy_lift: a token the prompt holds gets a lift, one it does not hold gets none (0 up to float
     rounding: the LM head's logits are what is left), in a padded row too; a plain Llama has no copy head (None)."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(small_model).eval()
@@ -327,9 +328,12 @@ def test_copy_lift_is_the_copy_heads_votes_only(small_model):
     row = di.eval_rows(catalog, "test", "clean", max_samples=1)[0]
     absent = [i for i in range(catalog.n_items) if i not in row["candidate_ids"] and i not in row["history_ids"]][:3]
     prompt = tok(row["prompt"])["input_ids"]
-    lift = modeling.copy_lift(model, [prompt, prompt[:-3]], [[first[i] for i in row["candidate_ids"][:3] + absent]] * 2,
-                              tok.pad_token_id)
-    assert lift.shape == (2, 6) and (lift[:, :3] > 0.1).all() and (lift[:, 3:].abs() < 1e-5).all(), lift
+    choices = [first[i] for i in row["candidate_ids"][:3] + absent]
+    lift = modeling.copy_lift(model, [prompt, prompt[:-3]], [choices] * 2, tok.pad_token_id)
+    assert lift.shape == (2, 6) and (lift[0, :3] > 0.1).all() and (lift[:, :3] > 0).all(), lift
+    assert (lift[:, 3:].abs() < 1e-5).all(), lift
+    alone = modeling.copy_lift(model, [prompt[:-3]], [choices], tok.pad_token_id)  # the padded row read right
+    assert torch.allclose(lift[1], alone[0], atol=1e-4), (lift, alone)
     plain = modeling.new_tiny_llama(tok, dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                               num_key_value_heads=2, intermediate_size=64, copy_head=False))
     assert modeling.copy_lift(plain, [prompt], [[first[i] for i in absent]], tok.pad_token_id) is None
