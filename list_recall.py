@@ -69,8 +69,8 @@ def window_ranking(model, tokenizer, catalog, rows: list[dict], batch_size=50) -
     (1..20), and answer_rank_corr, the mean over rows of the two rankings' rank correlation (Spearman; 1: the
     answer ranks as the window does, negative: against it). For a copy-head model also how the answer's logits
     over the candidates split (mean over rows of the standard deviation over the 20): answer_copy_lift_std, the
-    copy head's lift (modeling.copy_lift; 0 = the same lift for every candidate, so the LM head alone ranks),
-    and answer_lm_std, the LM head's logits; both None for a plain model."""
+    copy head's lift (the answer's logits less modeling.lm_head_logits; 0 = the same lift for every candidate,
+    so the LM head alone ranks), and answer_lm_std, the LM head's logits; both None for a plain model."""
     import torch
 
     win_first = modeling.window_first_tokens(tokenizer, catalog)
@@ -85,18 +85,19 @@ def window_ranking(model, tokenizer, catalog, rows: list[dict], batch_size=50) -
         prompts = [modeling.encode_prompt_answers(tokenizer, r["prompt"], [])[0] + prefix for r in batch]
         target = torch.tensor([r["candidate_ids"].index(r["target_id"]) for r in batch])
         ranks = {}
-        lift = modeling.copy_lift(model, prompts, [[ans_first[c] for c in r["candidate_ids"]] for r in batch],
-                                  tokenizer.pad_token_id)
-        spread = None if lift is None else spread
+        lm = modeling.lm_head_logits(model, prompts, [[ans_first[c] for c in r["candidate_ids"]] for r in batch],
+                                     tokenizer.pad_token_id)
+        spread = None if lm is None else spread
         for seqs, first, name in ((windows, win_first, "window"), (prompts, ans_first, "answer")):
             logp = modeling.choice_logps(model, seqs, [[first[c] for c in r["candidate_ids"]] for r in batch],
                                          tokenizer.pad_token_id).cpu()
             hits[name] += int((logp.argmax(1) == target).sum())
             rank_sum[name] += int((logp > logp.gather(1, target[:, None])).sum()) + len(batch)
             ranks[name] = logp.argsort(1).argsort(1).double()  # 0 = lowest
-            if name == "answer" and spread is not None:  # the LM head's logits: the answer's less the lift
-                spread["answer_copy_lift_std"] += float(lift.cpu().std(1).sum())
-                spread["answer_lm_std"] += float((logp - lift.cpu()).std(1).sum())
+            if name == "answer" and spread is not None:  # the lift: the answer's logits less the LM head's (up
+                # to the log-softmax's constant per row, which the spread ignores)
+                spread["answer_copy_lift_std"] += float((logp - lm.cpu()).std(1).sum())
+                spread["answer_lm_std"] += float(lm.cpu().std(1).sum())
         a, b = (ranks[k] - ranks[k].mean(1, keepdim=True) for k in ("window", "answer"))
         corr += float(((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))).sum())
     n = len(rows)

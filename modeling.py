@@ -529,18 +529,18 @@ def choice_logps(model, seqs: list[list[int]], choices, pad_token_id, renormalis
     return logp.log_softmax(-1) if renormalise else logp
 
 
-def copy_lift(model, seqs: list[list[int]], choices, pad_token_id) -> torch.Tensor | None:
-    """(n, k) how many logits the copy head adds to each row's k choice tokens (`choices`: (n, k) token ids) at
-    its last position — the model's logits minus its LM head's, both read as choice_logps reads them (right
-    padding, no gradient, an adapter included); None for a model without a copy head (a plain Llama)."""
+def lm_head_logits(model, seqs: list[list[int]], choices, pad_token_id) -> torch.Tensor | None:
+    """(n, k) the LM head's own logits (without the copy head's lift) at each row's k choice tokens (`choices`:
+    (n, k) token ids), read at its last position as choice_logps reads the model's (right padding, no gradient,
+    an adapter included); None for a model without a copy head (a plain Llama: its logits are the LM head's).
+    The model's logits less these are the copy head's lift."""
     core = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not hasattr(core, "copy_query"):
         return None
     ids, mask, last = _right_padded(model, seqs, pad_token_id)
     with torch.no_grad():
-        full = model(input_ids=ids, attention_mask=mask).logits[last].float()
-        lm = core.lm_head(core.model(input_ids=ids, attention_mask=mask).last_hidden_state[last]).float()
-    return (full - lm).gather(-1, torch.as_tensor(choices, device=ids.device))
+        h = core.model(input_ids=ids, attention_mask=mask).last_hidden_state[last]
+        return core.lm_head(h).float().gather(-1, torch.as_tensor(choices, device=ids.device))
 
 
 def window_teacher(model, lists: list[ListDoc], pad_token_id) -> torch.Tensor:

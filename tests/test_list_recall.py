@@ -315,9 +315,10 @@ def test_window_ranking_is_two_argmaxes_by_hand(small_model):
     assert abs(got["answer_lm_std"] - lm_std) < 1e-4, (got, lm_std)
 
 
-def test_copy_lift_is_the_copy_heads_votes_only(small_model):
-    """modeling.copy_lift: a token the prompt holds gets a lift, one it does not hold gets none (0 up to float
-    rounding: the LM head's logits are what is left), in a padded row too; a plain Llama has no copy head (None)."""
+def test_lm_head_logits_leave_the_copy_heads_votes_as_the_rest(small_model):
+    """modeling.lm_head_logits: the model's logits less these (the copy head's lift) are > 0 on a token the prompt
+    holds and 0 (up to float rounding) on one it does not hold, in a padded row too (read as the same row alone);
+    a plain Llama has no copy head (None)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -329,14 +330,17 @@ def test_copy_lift_is_the_copy_heads_votes_only(small_model):
     absent = [i for i in range(catalog.n_items) if i not in row["candidate_ids"] and i not in row["history_ids"]][:3]
     prompt = tok(row["prompt"])["input_ids"]
     choices = [first[i] for i in row["candidate_ids"][:3] + absent]
-    lift = modeling.copy_lift(model, [prompt, prompt[:-3]], [choices] * 2, tok.pad_token_id)
+    lm = modeling.lm_head_logits(model, [prompt, prompt[:-3]], [choices] * 2, tok.pad_token_id)
+    with torch.no_grad():  # the model's logits, each row alone
+        full = torch.stack([model(torch.tensor([q])).logits[0, -1, choices] for q in (prompt, prompt[:-3])])
+    lift = full - lm
     assert lift.shape == (2, 6) and (lift[0, :3] > 0.1).all() and (lift[:, :3] > 0).all(), lift
-    assert (lift[:, 3:].abs() < 1e-5).all(), lift
-    alone = modeling.copy_lift(model, [prompt[:-3]], [choices], tok.pad_token_id)  # the padded row read right
-    assert torch.allclose(lift[1], alone[0], atol=1e-4), (lift, alone)
+    assert (lift[:, 3:].abs() < 1e-4).all(), lift
+    alone = modeling.lm_head_logits(model, [prompt[:-3]], [choices], tok.pad_token_id)  # the padded row read right
+    assert torch.allclose(lm[1], alone[0], atol=1e-4), (lm, alone)
     plain = modeling.new_tiny_llama(tok, dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                               num_key_value_heads=2, intermediate_size=64, copy_head=False))
-    assert modeling.copy_lift(plain, [prompt], [[first[i] for i in absent]], tok.pad_token_id) is None
+    assert modeling.lm_head_logits(plain, [prompt], [[first[i] for i in absent]], tok.pad_token_id) is None
 
 
 def test_distill_start_freezes_a_copy_of_the_model_as_the_teacher(monkeypatch):
