@@ -13,6 +13,7 @@ Nothing is ever downloaded.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 from dataclasses import dataclass
@@ -40,9 +41,15 @@ REPO_DIR = Path(__file__).resolve().parent
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TINY_DEFAULTS = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
                      intermediate_size=688, bpe_vocab_size=2000, item_tokens=True,
-                     pretrain_epochs=6, pretrain_lr=2e-3, pretrain_window=24, pretrain_recall=0.4,
+                     pretrain_epochs=3, pretrain_lr=2e-3, pretrain_window=24, pretrain_recall=0.4,
                      pretrain_max_steps=None, pretrain_list_loss="set", pretrain_distill_start=None,
                      pretrain_dense_copy=None,  # copy documents per window (pretraining_docs); None = none
+                     # "cooc": every whole-title token's embedding starts as its train co-listening vector
+                     # (cooccurrence_embeddings: pairs at most pretrain_embed_window apart), its entries'
+                     # root mean square pretrain_embed_rms (the random rows': initializer_range 0.02; 0.0625
+                     # gives rows of length 1.0 at hidden 256) — what a real LLM brings about which artists go
+                     # together, in seconds instead of epochs; None = the random initialisation
+                     pretrain_embed_init="cooc", pretrain_embed_window=8, pretrain_embed_rms=0.0625,
                      pretrain_list_history=None, pretrain_length_pool=1, pretrain_pack=True, copy_head=True,
                      # "lm": a list answer's first token reaches the model only through the copy head (its
                      # LM-head logits detached), so the list loss never pushes down the titles the history
@@ -60,11 +67,12 @@ TINY_DEFAULTS = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4
 # pieces, the end of an entry voting for EOS); more list prompts and some dense copy documents, fewer epochs
 TINY_BPE = dict(item_tokens=False, bpe_colon_space=True, copy_next=True, copy_next_match=True, copy_entries=True,
                 pretrain_epochs=4, pretrain_recall=1.5, pretrain_dense_copy=0.3,
-                pretrain_list_detach=None)  # its measured recipe; not yet measured with "lm"
+                pretrain_list_detach=None,  # its measured recipe; not yet measured with "lm"
+                pretrain_embed_init=None)  # its titles are several tokens: no whole-title token to initialise
 # the embedded models by --base_model name: their build options on top of TINY_DEFAULTS
 EMBEDDED = {"tiny": {}, "tiny-bpe": TINY_BPE}
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-BUILDER_VERSION = 6  # bump when build_tiny changes what it produces
+BUILDER_VERSION = 7  # bump when build_tiny changes what it produces
 
 
 class ModelError(NapoError):
@@ -693,6 +701,72 @@ def _pretrain(model, tokenizer, catalog, opts: dict, log=print):
     return prof
 
 
+def ppmi(seqs: list[list[int]], n: int, window: int) -> torch.Tensor:
+    """(n, n) float64 positive pointwise mutual information of co-listening: two items listened at most
+    `window` apart in a sequence count 1/distance per occurrence, in both directions (symmetric);
+    PPMI[a, b] = max(0, log(c[a, b] * total / (row[a] * row[b]))), 0 where c[a, b] = 0."""
+    c = torch.zeros(n, n, dtype=torch.float64)
+    for s in seqs:
+        t = torch.tensor(s, dtype=torch.long)
+        for k in range(1, min(window, len(s) - 1) + 1):
+            c.index_put_((t[:-k], t[k:]), torch.full((len(s) - k,), 1.0 / k, dtype=torch.float64), accumulate=True)
+    c = c + c.T
+    row = c.sum(1)
+    pmi = torch.log(c * c.sum() / (row[:, None] * row[None, :]).clamp(min=1e-300))
+    return torch.where(c > 0, pmi, torch.zeros_like(pmi)).clamp(min=0)
+
+
+def top_eigen(matrix: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest eigenvalues (descending) and their eigenvectors (columns) of a symmetric matrix
+    (float64 eigh)."""
+    lam, vec = torch.linalg.eigh(matrix.double())
+    return lam.flip(0)[:k], vec.flip(1)[:, :k]
+
+
+def spectral_embeddings(lam: torch.Tensor, vec: torch.Tensor, dim: int) -> torch.Tensor:
+    """(n, dim) float32 rows from a symmetric matrix's leading eigenpairs (top_eigen): the first `dim`
+    eigenvectors, each scaled by the square root of its eigenvalue (negative ones count as 0), so that two
+    rows' dot product approximates the matrix's entry; each row then of unit length; zero columns beyond the
+    eigenpairs given. Deterministic up to float rounding: each eigenvector's sign is the one that makes its
+    largest entry positive."""
+    k = min(dim, len(lam))
+    lam, vec = lam[:k].clamp(min=0), vec[:, :k]
+    vec = vec * lam.sqrt() * vec.gather(0, vec.abs().argmax(0, keepdim=True)).sign()
+    vec = torch.nn.functional.pad(vec, (0, dim - k))
+    return (vec / vec.norm(dim=1, keepdim=True).clamp(min=1e-12)).float()
+
+
+_COOC_CACHE: dict = {}  # (data fingerprint, window) -> top_eigen of its ppmi, >= 512 pairs (one eigh each)
+
+
+def cooccurrence_embeddings(catalog, dim: int, window: int = 8) -> torch.Tensor:
+    """(n_items, dim) item vectors of the train users' co-listening (train split only): spectral_embeddings of
+    its ppmi matrix. The eigendecomposition (~7 s on 2 cores for LastFM's 4,606 items) is kept per process
+    for the dataset's content (data_fingerprint: id2name.txt + train.jsonl), so builds of several widths
+    share it."""
+    key, n = (di.data_fingerprint(catalog), window), catalog.n_items
+    if key not in _COOC_CACHE or _COOC_CACHE[key][0].shape[0] < min(dim, n):
+        _COOC_CACHE[key] = top_eigen(ppmi(user_sequences(catalog, "train"), n, window), min(n, max(dim, 512)))
+    return spectral_embeddings(*_COOC_CACHE[key], dim)
+
+
+def init_item_embeddings(model, tokenizer, catalog, window: int, norm: float) -> int:
+    """pretrain_embed_init="cooc": the (tied) embedding row of every title whose answer is one token of its own
+    (+ EOS) becomes its cooccurrence_embeddings vector times `norm`; other rows keep their random
+    initialisation. Returns how many titles got one."""
+    emb = model.get_input_embeddings().weight
+    prefix, answers = _answer_tokens(tokenizer, catalog)
+    first = [a[len(prefix)] for a in answers]
+    counts = collections.Counter(first)
+    items = [i for i, a in enumerate(answers) if len(a) == len(prefix) + 2 and counts[first[i]] == 1]
+    if not items:
+        return 0
+    vec = cooccurrence_embeddings(catalog, emb.shape[1], window)
+    with torch.no_grad():
+        emb[torch.tensor([first[i] for i in items])] = vec[items].to(emb.dtype) * norm
+    return len(items)
+
+
 def new_tiny_llama(tokenizer, opts: dict):
     """A freshly initialised model of the embedded model's shape (`opts`: hidden_size, num_hidden_layers,
     num_attention_heads, num_key_value_heads, intermediate_size, copy_head) for a tokenizer, with tied
@@ -742,12 +816,26 @@ def build_tiny(dataset="lastfm", output_dir=None, **overrides) -> Path:
         raise ModelError(f"copy_entries {opts['copy_entries']!r}: None (off) or True (the votes follow the list's entries)")
     if opts["copy_entries"] and not (opts["copy_next"] and opts["copy_next_match"]):
         raise ModelError("copy_entries needs copy_next and copy_next_match (it extends the matched next-token votes)")
+    if opts["pretrain_embed_init"] not in (None, "cooc"):
+        raise ModelError(f"pretrain_embed_init {opts['pretrain_embed_init']!r}: None (random) or \"cooc\" (train co-listening)")
+    w, rms = opts["pretrain_embed_window"], opts["pretrain_embed_rms"]
+    if not isinstance(w, int) or isinstance(w, bool) or w < 1:
+        raise ModelError(f"pretrain_embed_window {w!r}: a whole number >= 1 (how far apart two co-listened items may be)")
+    if not isinstance(rms, (int, float)) or isinstance(rms, bool) or not rms > 0:
+        raise ModelError(f"pretrain_embed_rms {rms!r}: a number > 0 (the initialised embedding entries' root mean square)")
     t_build = time.time()
     catalog = di.load_catalog(dataset)
     torch.manual_seed(opts["seed"])
     tokenizer = tiny_tokenizer(catalog, opts)
     model = new_tiny_llama(tokenizer, opts)
-    profile = None
+    profile = embed = None
+    if opts["pretrain_embed_init"] == "cooc":
+        t0 = time.time()
+        norm = rms * math.sqrt(opts["hidden_size"])
+        embed = {"titles": init_item_embeddings(model, tokenizer, catalog, w, norm), "row_length": norm, "seconds": None}
+        embed["seconds"] = round(time.time() - t0, 1)
+        print(f"[tiny] embeddings of {embed['titles']} whole-title tokens from train co-listening (PPMI within {w}, "
+              f"rows of length {norm:.3g}) in {embed['seconds']:.0f}s", flush=True)
     if opts["pretrain_epochs"] > 0:
         profile = _pretrain(model, tokenizer, catalog, opts)
     import list_recall
@@ -766,7 +854,8 @@ def build_tiny(dataset="lastfm", output_dir=None, **overrides) -> Path:
     tokenizer.save_pretrained(out)
     info = {"builder_version": BUILDER_VERSION, "dataset": catalog.name, "options": opts,
             "data_fingerprint": di.data_fingerprint(catalog), "n_params": sum(p.numel() for p in model.parameters()),
-            "state_sha256": state_hash(model), "seconds_build": seconds_build, "pretrain_profile": profile,
+            "state_sha256": state_hash(model), "seconds_build": seconds_build, "embed_init": embed,
+            "pretrain_profile": profile,
             "list_recall_probe": probe}
     (out / "napo_build.json").write_text(json.dumps(info, indent=2))
     return out

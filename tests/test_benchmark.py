@@ -70,7 +70,7 @@ def test_build_benchmark_times_the_same_step_both_ways(tmp_path):
     assert res["first_step_abs_loss_diff"] < 1e-4
     assert res["padding_share"]["packed"] < 0.5 * res["padding_share"]["padded"]
     assert set(res["s_per_step"]) == {"padded", "packed"} and res["packed_over_padded"] > 0
-    assert res["build_steps"] > 700 and res["machine"]["cpu"]
+    assert res["build_steps"] > 300 and res["machine"]["cpu"]  # the default build: 3 epochs, 383 steps
 
 
 def test_build_benchmark_refuses_bad_steps(capsys):

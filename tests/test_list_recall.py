@@ -5,6 +5,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 import data_interface as di
 import list_recall
@@ -481,3 +482,87 @@ def test_list_detach_lm_keeps_the_copy_heads_gradient_and_frees_the_lm_head():
     assert w0 == w1 and all(torch.equal(h0[n], h1[n]) for n in h0)
     with pytest.raises(modeling.ModelError, match="with copy_head=False pass pretrain_list_detach=None"):
         modeling.build_tiny("lastfm", "/nonexistent", **{**SMALL, "copy_head": False})  # "lm" needs the head
+
+
+def test_ppmi_counts_pairs_within_the_window_by_hand():
+    """modeling.ppmi against a by-hand count: pairs at most `window` apart weigh 1/distance, both directions;
+    PPMI = max(0, log(c * total / (row * row))), 0 where two items were never listened near each other."""
+    seqs = [[0, 1, 2, 3], [1, 2], [3, 0, 4]]
+    n, window = 5, 2
+    c = [[0.0] * n for _ in range(n)]
+    for s in seqs:
+        for i in range(len(s)):
+            for j in range(i + 1, min(len(s), i + window + 1)):
+                c[s[i]][s[j]] += 1 / (j - i)
+                c[s[j]][s[i]] += 1 / (j - i)
+    total, row = sum(map(sum, c)), [sum(r) for r in c]
+    want = [[max(0.0, math.log(c[a][b] * total / (row[a] * row[b]))) if c[a][b] else 0.0 for b in range(n)]
+            for a in range(n)]
+    got = modeling.ppmi(seqs, n, window)
+    assert got.shape == (n, n) and torch.allclose(got, torch.tensor(want, dtype=torch.float64), atol=1e-12)
+    assert got[1, 2] == pytest.approx(math.log((2 * 1.0) * total / (row[1] * row[2])))  # 1-2 twice, adjacent
+    assert got[0, 3] == pytest.approx(max(0.0, math.log(1.0 * total / (row[0] * row[3]))))  # adjacent once (3, 0)
+    assert c[2][4] == 0 == got[2, 4] and got[1, 2] > 0  # 2 and 4 never within 2 of each other
+    assert c[1][3] == 0.5  # two apart once: weight 1/2
+
+
+def test_spectral_embeddings_factor_the_ppmi():
+    """spectral_embeddings of top_eigen: with as many dimensions as items, the cosine of two rows is the one of the
+    matrix's positive-eigenvalue part (what the rows factor); unit rows; zero columns beyond n; each
+    eigenvector's largest entry positive; fewer dimensions keep only the leading directions."""
+    seqs = [[0, 1, 2, 3, 5], [1, 2, 4], [3, 0, 4, 5], [5, 4, 3, 2]]
+    m = modeling.ppmi(seqs, 6, 3)
+    vec = modeling.spectral_embeddings(*modeling.top_eigen(m, 6), 9).double()
+    assert vec.shape == (6, 9) and vec[:, 6:].abs().max() == 0
+    assert torch.allclose(vec.norm(dim=1), torch.ones(6, dtype=torch.float64), atol=1e-6)
+    lam, u = torch.linalg.eigh(m)
+    plus = u @ torch.diag(lam.clamp(min=0)) @ u.T
+    d = plus.diagonal().sqrt()
+    assert torch.allclose(vec @ vec.T, plus / d[:, None] / d[None, :], atol=1e-5)
+    top2 = modeling.spectral_embeddings(*modeling.top_eigen(m, 6), 2).double()
+    assert torch.equal(top2, modeling.spectral_embeddings(*modeling.top_eigen(m, 2), 2).double())
+    assert top2.shape == (6, 2) and not torch.allclose(top2 @ top2.T, vec @ vec.T, atol=1e-3)
+    raw = top2 * (u[:, -2:].flip(1) * lam[-2:].flip(0).sqrt()).norm(dim=1, keepdim=True)  # undo the row norm
+    assert torch.all(raw.gather(0, raw.abs().argmax(0, keepdim=True)) > 0)  # the sign convention
+    assert torch.allclose(raw.abs(), (u[:, -2:].flip(1) * lam[-2:].flip(0).sqrt()).abs(), atol=1e-5)
+
+
+def test_cooccurrence_embeddings_read_the_train_split_once(monkeypatch):
+    """cooccurrence_embeddings reads the train split only, once per process and dataset for every width
+    (the eigendecomposition is shared), and a narrower width is the wider one's leading directions."""
+    read, real = [], modeling.user_sequences
+    monkeypatch.setattr(modeling, "user_sequences", lambda catalog, split="train": read.append(split) or real(catalog, split))
+    monkeypatch.setattr(modeling, "_COOC_CACHE", {})
+    catalog = di.load_catalog("lastfm")
+    wide, narrow = modeling.cooccurrence_embeddings(catalog, 32, 8), modeling.cooccurrence_embeddings(catalog, 8, 8)
+    assert read == ["train"] and wide.shape == (catalog.n_items, 32) and narrow.shape == (catalog.n_items, 8)
+    assert torch.allclose(narrow, wide[:, :8] / wide[:, :8].norm(dim=1, keepdim=True), atol=1e-5)
+    assert torch.allclose(wide.norm(dim=1), torch.ones(catalog.n_items), atol=1e-5)
+
+
+def test_cooc_init_sets_the_whole_title_tokens_and_nothing_else(monkeypatch):
+    """init_item_embeddings: every title that is one answer token of its own gets its co-listening vector
+    times the norm, in the tied embedding (so in the LM head too); every other token keeps its random row;
+    the build's option is checked before anything is built."""
+    catalog = di.load_catalog("lastfm")
+    tok = modeling.build_tiny_tokenizer(catalog, 2000, True)
+    torch.manual_seed(0)
+    model = modeling.new_tiny_llama(tok, {**modeling.TINY_DEFAULTS, **SMALL})
+    before = model.get_input_embeddings().weight.detach().clone()
+    fake = torch.randn(catalog.n_items, before.shape[1])
+    monkeypatch.setattr(modeling, "cooccurrence_embeddings", lambda cat, dim, window: fake[:, :dim])
+    n = modeling.init_item_embeddings(model, tok, catalog, 8, 2.5)
+    after = model.get_input_embeddings().weight.detach()
+    assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()  # tied
+    first = modeling.answer_first_tokens(tok, catalog)
+    single = [i for i in range(catalog.n_items) if first.count(first[i]) == 1
+              and len(tok(di.answer_text(catalog, i), add_special_tokens=False)["input_ids"]) == 1]
+    assert n == len(single) > 0.99 * catalog.n_items
+    rows = torch.tensor([first[i] for i in single])
+    assert torch.equal(after[rows], fake[single] * 2.5)
+    untouched = torch.ones(len(after), dtype=torch.bool)
+    untouched[rows] = False
+    assert torch.equal(after[untouched], before[untouched]) and untouched.sum() > 1000  # BPE pieces, specials
+    for bad in ({"pretrain_embed_init": "svd"}, {"pretrain_embed_window": 0}, {"pretrain_embed_rms": -1.0}):
+        with pytest.raises(modeling.ModelError, match=next(iter(bad))):
+            modeling.build_tiny("lastfm", "/nonexistent", **{**SMALL, **bad})
