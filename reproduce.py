@@ -66,7 +66,7 @@ SEED = 0
 PROTOCOLS = ("clean", "sdpo")  # every method is evaluated under both; `clean` is the one the claims use
 
 # Rows per stage: SFT / preference training rows (first N train rows) and test rows (-1 = all 2,495).
-SCALE = dict(sft_rows=16384, pref_rows=2048, test_rows=-1, val_rows=-1)  # sft_rows: the quick start's (sft.sh)
+SCALE = dict(sft_rows=16384, pref_rows=2048, test_rows=-1, val_rows=-1)  # sft_rows: the Results' (the quick start: 8,192)
 # --quick: a small model built in seconds and a few rows (tests/conftest.py builds the same model).
 QUICK_SCALE = dict(sft_rows=256, pref_rows=64, test_rows=32, val_rows=32)  # val_rows: the sweep's (sweep)
 QUICK_MODEL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
