@@ -42,7 +42,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 TINY_DEFAULTS = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
                      intermediate_size=688, bpe_vocab_size=2000, item_tokens=True,
                      # pretrain_lr 1e-3, not 2e-3: from the co-listening start the higher rate lost sequence
-                     # knowledge in some seeds (README, "The co-listening start")
+                     # knowledge in some seeds (README, "The build's learning rate")
                      pretrain_epochs=3, pretrain_lr=1e-3, pretrain_window=24, pretrain_recall=0.4,
                      pretrain_max_steps=None, pretrain_list_loss="set", pretrain_distill_start=None,
                      pretrain_dense_copy=None,  # copy documents per window (pretraining_docs); None = none
