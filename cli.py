@@ -164,6 +164,7 @@ RULES: dict[str, Rule] = {
     # paths
     "dataset": Rule(check=_dataset), "base_model": Rule(check=_base_model),
     "resume_from_checkpoint": Rule(check=_checkpoint_or_true), "sasrec_checkpoint": Rule(check=existing_folder),
+    "start_adapter": Rule(check=existing_folder), "adapter": Rule(check=existing_folder),
     "checkpoint": Rule(check=existing_folder), "output_dir": Rule(check=_output_path),
 }
 
@@ -336,6 +337,17 @@ def parse_argv(fn, argv: list[str], prog: str = "") -> dict:
         if p.default is p.empty and p.name not in given:
             raise OptionError(f"{prog}--{p.name} is required")
     return given
+
+
+def renamed(new_value, old_value, old: str, new: str):
+    """The value of an option given under its old name `old` (deprecated) or its new one `new`: the old spelling
+    still works, with a one-line warning; both at once with different values is an OptionError."""
+    if old_value in (None, ""):
+        return new_value
+    if new_value not in (None, "") and str(new_value) != str(old_value):
+        raise OptionError(f"{old} {old_value} and {new} {new_value}: give {new} only ({old} is its old name)")
+    print(f"warning: {old} is deprecated here; use {new} (same meaning)", file=sys.stderr, flush=True)
+    return old_value
 
 
 def end_distributed() -> None:

@@ -1,6 +1,6 @@
 """Stage 2a — plain DPO with TRL's own DPOTrainer and its own sigmoid loss (the untouched-library baseline).
 
-    python dpo.py --resume_from_checkpoint output/sft/final_checkpoint --output_dir output/dpo
+    python dpo.py --start_adapter output/sft/final_checkpoint --output_dir output/dpo
 
 One negative per row, drawn (seeded) from the row's 19 non-target candidates. The policy starts from the
 SFT adapter and keeps training it; the reference is the frozen SFT model (TRL copies the adapter as "ref").
@@ -29,7 +29,8 @@ def build_trainer(model, tokenizer, info, rows, beta=1.0, callbacks=None, **opti
 def main(
     base_model: str = "tiny",
     dataset: str = "lastfm",
-    resume_from_checkpoint: str = None,  # the SFT adapter to start from, or a checkpoint-N of this run to continue
+    start_adapter: str = None,           # the SFT adapter to start from (e.g. output/sft/final_checkpoint)
+    resume_from_checkpoint: str = None,  # a checkpoint-N of an interrupted run of this stage to continue (True: the latest)
     output_dir: str = "output/dpo",
     protocol: str = "clean",
     batch_size: int = 8,
@@ -50,7 +51,7 @@ def main(
 ):
     from transformers import set_seed
 
-    start, ckpt = modeling.resolve_start(resume_from_checkpoint, output_dir)
+    start, ckpt = modeling.resolve_start(start_adapter, resume_from_checkpoint, output_dir)
     catalog = di.load_catalog(dataset)
     rows = di.preference_rows(catalog, "train", protocol, 1, seed, num_train_epochs, max_train_samples)
     modeling.check_start(base_model, dataset, start, ckpt)  # the SFT adapter was trained on this base model

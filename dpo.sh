@@ -7,5 +7,5 @@ set -euo pipefail
 source "$(dirname "$0")/launch.sh"
 env_flags BASE_MODEL=base_model DATASET=dataset OUTPUT_DIR=output_dir PROTOCOL=protocol EPOCHS=num_train_epochs \
   BATCH_SIZE=batch_size LR=learning_rate BETA=beta
-launch dpo.py --resume_from_checkpoint "${SFT_ADAPTER:-output/sft/final_checkpoint}" \
+launch dpo.py --start_adapter "${SFT_ADAPTER:-output/sft/final_checkpoint}" \
   --max_train_samples "${MAX_TRAIN_SAMPLES:-2048}" ${ENV_FLAGS[@]+"${ENV_FLAGS[@]}"} "$@"

@@ -440,7 +440,7 @@ class GpuStages:
 
         steps, bs = self.args.dpo_steps, BATCH["dpo"]
         out = _fresh(ctx["dir"] / "dpo")
-        dpo.main(base_model=ctx["path"], resume_from_checkpoint=ctx["sft_adapter"], output_dir=str(out),
+        dpo.main(base_model=ctx["path"], start_adapter=ctx["sft_adapter"], output_dir=str(out),
                  max_train_samples=steps * bs, batch_size=bs, logging_steps=max(1, steps // 4),
                  quantize=QUANTIZE[ctx["precision"]])
         return _train_stats(out, _tokens(ctx["path"], "dpo", steps * bs))
@@ -450,7 +450,7 @@ class GpuStages:
 
         steps, bs = self.args.napo_steps, BATCH["napo"]
         out = _fresh(ctx["dir"] / "napo")
-        softmax_dpo.main(base_model=ctx["path"], resume_from_checkpoint=ctx["sft_adapter"], output_dir=str(out),
+        softmax_dpo.main(base_model=ctx["path"], start_adapter=ctx["sft_adapter"], output_dir=str(out),
                          max_train_samples=steps * bs, batch_size=bs, max_steps=steps, num_negatives=NUM_NEGATIVES,
                          share_negatives=True, margin_mode="user", sasrec_checkpoint=self.sasrec_dir,
                          logging_steps=max(1, steps // 4), quantize=QUANTIZE[ctx["precision"]])
@@ -461,7 +461,7 @@ class GpuStages:
 
         n, bs = self.args.test_rows, BATCH["inference"]
         out = _fresh(ctx["dir"] / f"eval_{view}")
-        res = inference.main(base_model=ctx["path"], resume_from_checkpoint=ctx["eval_adapter"], output_dir=str(out),
+        res = inference.main(base_model=ctx["path"], adapter=ctx["eval_adapter"], output_dir=str(out),
                              max_test_samples=n, batch_size=bs, ranking=view == "rank",
                              generative=view == "generate", constrained=view == "constrained",
                              quantize=QUANTIZE[ctx["precision"]], progress=False)

@@ -1,6 +1,6 @@
 """Evaluate a base model (+ optional LoRA adapter) on the 20-candidate test rows.
 
-    python inference.py --resume_from_checkpoint output/sft/final_checkpoint --output_dir output/eval_sft
+    python inference.py --adapter output/sft/final_checkpoint --output_dir output/eval_sft
 
 Three views of the same rows, all named with their candidate protocol:
   generative   greedy decoding, <= 20 new tokens; ValidRatio, HR@1 (all rows), HR@1 over valid rows;
@@ -89,7 +89,7 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens, tries=None):
 def main(
     base_model: str = "tiny",              # 'tiny', 'smollm2-135m', or a local HF model folder
     dataset: str = "lastfm",
-    resume_from_checkpoint: str = None,    # LoRA adapter folder to evaluate (None = the base model)
+    adapter: str = None,                   # LoRA adapter folder to evaluate (None = the base model)
     output_dir: str = "output/inference",
     protocol: str = "clean",               # 'clean' (default) or 'sdpo' (published candidates; they leak)
     split: str = "test",
@@ -104,21 +104,23 @@ def main(
     quantize: str = "auto",
     merge_adapter: bool = True,            # fold the adapter into the weights (W + BA, once) unless 4-bit
     progress: bool = True,
+    resume_from_checkpoint: str = None,    # deprecated: the old name of --adapter
 ):
     import torch
     from tqdm import tqdm
 
+    adapter = cli.renamed(adapter, resume_from_checkpoint, "--resume_from_checkpoint", "--adapter")
     # every input is checked before a model is loaded: options (cli.validated), the rows, the base model
     # folder and the adapter, trained on that very base model (its recorded fingerprint)
     catalog = di.load_catalog(dataset)
     rows = di.eval_rows(catalog, split, protocol, seed, max_test_samples)
     base = modeling.resolve_base_model(base_model, dataset)
-    if resume_from_checkpoint:
-        modeling.check_adapter(resume_from_checkpoint, base=base)
+    if adapter:
+        modeling.check_adapter(adapter, "--adapter", base=base)
     rank, world = dist_info()
     model, tokenizer, info = modeling.load_base_model(base_model, dataset, quantize=quantize, for_training=False)
-    if resume_from_checkpoint:
-        model = modeling.load_adapter(model, resume_from_checkpoint, trainable=False)
+    if adapter:
+        model = modeling.load_adapter(model, adapter, trainable=False)
         if merge_adapter and not info.get("quantized_4bit"):
             model = model.merge_and_unload()  # the same function, without LoRA's extra matmuls in every forward
     model.eval()
@@ -167,8 +169,8 @@ def main(
     if rank != 0:
         return None
     result = summarise(catalog, preds, protocol, split)
-    result.update({"model": info, "adapter": resume_from_checkpoint, "scoring_mode": scoring_mode,
-                   "adapter_merged": bool(resume_from_checkpoint and merge_adapter and not info.get("quantized_4bit")),
+    result.update({"model": info, "adapter": adapter, "scoring_mode": scoring_mode,
+                   "adapter_merged": bool(adapter and merge_adapter and not info.get("quantized_4bit")),
                    "seconds": round(elapsed, 1), "processes": world})
     out = Path(output_dir)
     # each file whole or absent; metrics.json (the "done" mark) goes first and comes back last, so a run killed
@@ -177,7 +179,7 @@ def main(
     modeling.clear_stale_tmp(out)
     di.atomic_write_text(out / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in preds))
     di.atomic_write_text(out / "metrics.json", json.dumps(result, indent=2))
-    print(metrics_table([(resume_from_checkpoint or base_model, result)]))
+    print(metrics_table([(adapter or base_model, result)]))
     print(f"wrote {out / 'metrics.json'} and predictions.jsonl ({len(preds)} rows, {elapsed:.0f}s)")
     return result
 
@@ -198,6 +200,7 @@ def summarise(catalog, preds, protocol, split) -> dict:
         m, top1 = M.candidate_metrics([p["scores"] for p in preds], [p["candidate_ids"] for p in preds],
                                       [p["target_id"] for p in preds], di.target_popularity(catalog))
         result.update(m)
+        result["candidate_mass"] = M.candidate_mass([p["scores"] for p in preds])
         for p, t in zip(preds, top1):
             p["top1_id"] = t
     return result
@@ -206,7 +209,7 @@ def summarise(catalog, preds, protocol, split) -> dict:
 TABLE_COLUMNS = [("protocol", "protocol"), ("rows", "n_rows"), ("rank HR@1", "ranking.hr@1"),
                  ("HR@5", "ranking.hr@5"), ("NDCG@5", "ranking.ndcg@5"), ("MRR", "ranking.mrr"),
                  ("gen HR@1", "generative.hr@1"), ("ValidRatio", "generative.valid_ratio"),
-                 ("constr HR@1", "constrained.hr@1"), ("top1 pop%", "popularity.top1_popularity_pct"),
+                 ("constr HR@1", "constrained.hr@1"), ("P(cands)", "candidate_mass.mean"), ("top1 pop%", "popularity.top1_popularity_pct"),
                  ("tail HR@1", "popularity.hr@1_tail")]
 
 

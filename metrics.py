@@ -7,6 +7,10 @@
                candidate (match_candidates: substring match, where a title found only inside a longer
                candidate title found in the output does not count; 21 of the 2,495 `clean` test rows and 25
                of the `sdpo` ones hold such a pair, e.g. "Can" and "Candlemass").
+* candidate mass — for a language model, P(candidates) = Σ_c p(title_c + EOS | prompt), the probability that
+               it answers with one of the listed titles (from the ranking's summed log-probs); mean and
+               quantiles. Where it is ≈ 1, SFT's loss −log p(target) equals reference-free listwise S-DPO's at
+               β = 1 over all 19 negatives, up to log P(candidates) (tests/test_losses.py; docs/method.md).
 * popularity — popularity = count as a target in train; mean popularity percentile of the top-1 items
                vs. of the targets; HR@1 on tail targets (the least popular 80% of items).
 """
@@ -112,3 +116,23 @@ def candidate_metrics(scores: list[list[float]], candidate_ids: list[list[int]],
     out = {"ranking": ranking_metrics(ranks), "popularity": popularity_metrics(top1, target_ids, popularity)}
     return out, top1
 
+
+
+def candidate_mass(scores: list[list[float]]) -> dict:
+    """P(candidates) per row = exp(logsumexp of the row's summed answer log-probs), i.e. Σ_c p(c | prompt):
+    the mean, the quantiles (min, 10%, median, 90%) and the mean of log P(candidates). Scores must be
+    log-probabilities (a language model's), not a recommender's logits."""
+    if not scores:
+        raise ValueError("candidate_mass: no rows")
+    logm = []
+    for s in scores:
+        top = max(s)
+        logm.append(top + math.log(sum(math.exp(x - top) for x in s)))
+    mass = sorted(min(1.0, math.exp(x)) for x in logm)
+    n = len(mass)
+
+    def q(f):
+        return mass[min(n - 1, int(f * (n - 1) + 0.5))]
+
+    return {"mean": sum(mass) / n, "min": mass[0], "p10": q(0.1), "median": q(0.5), "p90": q(0.9),
+            "mean_log": sum(logm) / n}

@@ -71,8 +71,14 @@ TINY_BPE = dict(item_tokens=False, bpe_colon_space=True, copy_next=True, copy_ne
                 pretrain_epochs=4, pretrain_lr=2e-3, pretrain_recall=1.5, pretrain_dense_copy=0.3,
                 pretrain_list_detach=None,  # its measured recipe; not yet measured with "lm"
                 pretrain_embed_init=None)  # its titles are several tokens: no whole-title token to initialise
-# the embedded models by --base_model name: their build options on top of TINY_DEFAULTS
-EMBEDDED = {"tiny": {}, "tiny-bpe": TINY_BPE}
+# the embedded models by --base_model name: their build options on top of TINY_DEFAULTS. `tiny-nocopy`: the same
+# recipe without the copy head (a plain Llama; its list prompts train the LM head): after SFT it puts only a few
+# percent of its probability on the 20 candidates, where `tiny` puts ~99.7%, so a preference stage's loss is not
+# SFT's there (docs/method.md, "SFT is listwise S-DPO")
+EMBEDDED = {"tiny": {}, "tiny-nocopy": dict(copy_head=False, pretrain_list_detach=None)}
+# research recipes, not --base_model names: build one with `python tiny_build.py build --recipe tiny-bpe` and pass
+# the folder it prints as --base_model (multi-token titles: it answers from the list but ranks near chance)
+RECIPES = {**EMBEDDED, "tiny-bpe": TINY_BPE}
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUILDER_VERSION = 7  # bump when build_tiny changes what it produces
 
@@ -885,7 +891,7 @@ def tiny_name(dataset="lastfm", **overrides) -> str:
 
 
 def embedded_name(base_model: str, dataset="lastfm") -> str | None:
-    """tiny_name of an embedded --base_model (`tiny`, `tiny-bpe`) without building it; None for any other."""
+    """tiny_name of an embedded --base_model (`tiny`, `tiny-nocopy`) without building it; None for any other."""
     return tiny_name(dataset, **EMBEDDED[base_model]) if base_model in EMBEDDED else None
 
 
@@ -940,7 +946,7 @@ def smollm2_path() -> Path:
     return _build_once(cache_root() / "models" / "smollm2-135m", convert)
 
 
-BASE_MODEL_NAMES = ("tiny", "tiny-bpe", "smollm2-135m")
+BASE_MODEL_NAMES = (*EMBEDDED, "smollm2-135m")
 
 
 def check_base_model_option(base_model) -> None:
@@ -949,12 +955,12 @@ def check_base_model_option(base_model) -> None:
     if str(base_model) in BASE_MODEL_NAMES:
         return
     if not (Path(str(base_model)) / "config.json").exists():
-        raise ModelError(f"--base_model {str(base_model)!r}: not 'tiny', 'tiny-bpe', 'smollm2-135m' or a local model "
+        raise ModelError(f"--base_model {str(base_model)!r}: not {', '.join(BASE_MODEL_NAMES)} or a local model "
                          "folder with config.json (nothing is downloaded)")
 
 
 def resolve_base_model(base_model: str = "tiny", dataset: str = "lastfm") -> Path:
-    if base_model in EMBEDDED:  # tiny-bpe: without whole-title tokens (multi-token titles, see TINY_BPE)
+    if base_model in EMBEDDED:
         return tiny_path(dataset, **EMBEDDED[base_model])
     if base_model == "smollm2-135m":
         return smollm2_path()
@@ -1108,7 +1114,7 @@ def lora_config(r=8, alpha=32, dropout=0.1):
                       bias="none", task_type="CAUSAL_LM")
 
 
-def check_adapter(path, what="--resume_from_checkpoint", base=None) -> Path:
+def check_adapter(path, what="--adapter", base=None) -> Path:
     """The folder holds a LoRA adapter; with `base` (a base model folder), the adapter was trained on that
     very model: the fingerprint it recorded (napo_base.json) must equal the base's. An adapter without the
     record (made before it existed) passes with a one-line warning."""
@@ -1120,7 +1126,7 @@ def check_adapter(path, what="--resume_from_checkpoint", base=None) -> Path:
     return p
 
 
-def check_adapter_base(adapter, base, what="--resume_from_checkpoint") -> None:
+def check_adapter_base(adapter, base, what="--adapter") -> None:
     import sys
 
     rec_file = Path(adapter) / BASE_RECORD
@@ -1199,10 +1205,12 @@ def training_args(info, *, output_dir, batch_size, gradient_accumulation_steps, 
         **training_precision_kwargs(info), **extra)
 
 
-def build(dataset="lastfm", base_model="tiny"):
-    """CLI: build (or find) the cached model and print its folder."""
-    path = resolve_base_model(base_model, dataset)
-    print(path)
+def build(dataset="lastfm", recipe="tiny"):
+    """CLI: build (or find) the cached embedded model of a recipe (RECIPES: tiny, tiny-nocopy, tiny-bpe) and print
+    its folder, which any stage takes as --base_model."""
+    if recipe not in RECIPES:
+        raise ModelError(f"--recipe {recipe!r}: choose one of {', '.join(RECIPES)}")
+    print(tiny_path(dataset, **RECIPES[recipe]))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1232,40 +1240,67 @@ def encode_prompt_answers(tokenizer, prompt: str, answers: list[str]) -> tuple[l
 # Preference stages: where training starts from, and resuming a killed run
 
 
-def resolve_start(resume_from_checkpoint, output_dir) -> tuple[Path, str | None]:
-    """`--resume_from_checkpoint` names either the SFT adapter to start from, or a Trainer checkpoint
-    (`output_dir/checkpoint-N`, or True for the latest) of an interrupted run of this stage, whose starting
-    adapter was recorded in `output_dir/start.json`. Returns (start adapter, trainer checkpoint or None)."""
+def resolve_start(start_adapter, resume_from_checkpoint, output_dir) -> tuple[Path, str | None]:
+    """(the adapter a preference stage starts from, the Trainer checkpoint it continues or None).
+    `--start_adapter` names the SFT adapter to start from; `--resume_from_checkpoint` a `checkpoint-N` of an
+    interrupted run of this stage (True: the latest in output_dir), whose starting adapter was recorded in
+    output_dir/start.json (so --start_adapter may then be left out). The spelling of before, an adapter passed
+    as --resume_from_checkpoint, still works, with a one-line deprecation warning."""
+    import sys
+
+    ckpt = None
+    if resume_from_checkpoint not in (None, "", False):
+        r = resume_from_checkpoint
+        if r is True or str(r) == "True":
+            ckpt = _last_checkpoint(output_dir)
+        elif (Path(r) / "trainer_state.json").exists():
+            ckpt = str(r)
+        elif (Path(r) / "adapter_config.json").exists():  # the old spelling: the adapter to start from
+            if start_adapter not in (None, "") and Path(start_adapter).resolve() != Path(r).resolve():
+                raise ModelError(f"--resume_from_checkpoint {r}: an adapter, not a Trainer checkpoint, and "
+                                 f"--start_adapter {start_adapter} is given too; pass the adapter to start from as "
+                                 "--start_adapter only")
+            print(f"warning: --resume_from_checkpoint {r}: an adapter to start from is now --start_adapter "
+                  "(--resume_from_checkpoint continues a checkpoint-N of an interrupted run)", file=sys.stderr,
+                  flush=True)
+            start_adapter = r
+        else:
+            raise ModelError(f"--resume_from_checkpoint {r}: not a Trainer checkpoint (a checkpoint-N folder with "
+                             "trainer_state.json, saved with --save_steps); the adapter to start from is --start_adapter")
+    if ckpt is not None:
+        start_file = Path(ckpt).parent / "start.json"
+        if not start_file.exists():
+            raise ModelError(f"--resume_from_checkpoint {ckpt}: {start_file} is missing (where did this run start?)")
+        try:
+            recorded = json.loads(start_file.read_text())["start_adapter"]
+        except (ValueError, KeyError, TypeError):
+            raise ModelError(f"{start_file}: unreadable (not the JSON record of the adapter this run started "
+                             "from); pass it again as --start_adapter and delete the file") from None
+        if start_adapter in (None, ""):
+            start_adapter = recorded
+            return check_adapter(start_adapter, f"{start_file} start_adapter"), ckpt
+        if Path(start_adapter).resolve() != Path(recorded).resolve():
+            raise ModelError(f"--start_adapter {start_adapter}: the run of --resume_from_checkpoint {ckpt} started "
+                             f"from {recorded} ({start_file}); continue it from there or start a new --output_dir")
+    if start_adapter in (None, ""):
+        raise ModelError("--start_adapter is required: the SFT adapter to start from (e.g. output/sft/final_checkpoint)")
+    return check_adapter(start_adapter, "--start_adapter"), ckpt
+
+
+def _last_checkpoint(output_dir) -> str:
     from transformers.trainer_utils import get_last_checkpoint
 
-    if resume_from_checkpoint in (None, "", False):
-        raise ModelError("--resume_from_checkpoint is required: the SFT adapter to start from "
-                         "(e.g. output/sft/final_checkpoint)")
-    ckpt = None
-    if resume_from_checkpoint is True or str(resume_from_checkpoint) == "True":
-        ckpt = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
-        if ckpt is None:
-            raise ModelError(f"--resume_from_checkpoint True: no checkpoint-N folder in {output_dir}")
-    elif (Path(resume_from_checkpoint) / "trainer_state.json").exists():
-        ckpt = str(resume_from_checkpoint)
+    ckpt = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
     if ckpt is None:
-        return check_adapter(resume_from_checkpoint), None
-    start_file = Path(ckpt).parent / "start.json"
-    if not start_file.exists():
-        raise ModelError(f"--resume_from_checkpoint {ckpt}: {start_file} is missing (where did this run start?)")
-    start = json.loads(start_file.read_text())["start_adapter"]
-    return check_adapter(start, f"{start_file} start_adapter"), ckpt
+        raise ModelError(f"--resume_from_checkpoint True: no checkpoint-N folder in {output_dir}")
+    return ckpt
 
 
 def check_trainer_checkpoint(resume_from_checkpoint, output_dir, base=None) -> str:
     """A Trainer checkpoint (checkpoint-N with trainer_state.json; True: the latest in output_dir) to continue
     a run of the same stage, trained on `base` when given."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     if resume_from_checkpoint is True or str(resume_from_checkpoint) == "True":
-        ckpt = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
-        if ckpt is None:
-            raise ModelError(f"--resume_from_checkpoint True: no checkpoint-N folder in {output_dir}")
+        ckpt = _last_checkpoint(output_dir)
     else:
         ckpt = str(resume_from_checkpoint)
         if not (Path(ckpt) / "trainer_state.json").exists():
@@ -1317,7 +1352,7 @@ def load_policy(base_model, dataset, start_adapter, quantize="auto"):
     return model, tokenizer, info
 
 
-def check_start(base_model, dataset, start_adapter, ckpt=None, what="--resume_from_checkpoint") -> Path:
+def check_start(base_model, dataset, start_adapter, ckpt=None, what="--start_adapter") -> Path:
     """Before a stage that starts from an adapter loads anything: the base model folder (built if need be), the
     start adapter trained on it and, when the run resumes, its checkpoint-N (trained on the same base). Returns
     the base model's folder."""

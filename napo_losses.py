@@ -157,6 +157,8 @@ def sdpo_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
 
     Over the negatives where ``mask`` is True (None = all). With one negative this is DPO exactly. Its
     gradient w.r.t. r(d) is  sigmoid(logsumexp(.)) * softmax_{d in N_u}(r(d)): harder negatives weigh more.
+    Reference-free at beta = 1 over all the other candidates (r = log p) it is SFT's loss plus log P(candidates):
+    -log p(target) + log sum_c p(c), value and gradient (tests/test_losses.py; docs/method.md).
     Rows with no valid negative get loss 0 (see ``napo_loss``).
     """
     return napo_loss(chosen_rewards, rejected_rewards, mask, gamma=0.0)

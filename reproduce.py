@@ -127,6 +127,11 @@ NAPO = {**{k: getattr(NAPO_DEFAULTS, k) for k in ("num_negatives", "share_negati
 SDPO = dict(num_negatives=NAPO_DEFAULTS.num_negatives, share_negatives=False, margin_mode="none", reference=True,
             **TUNED["sdpo"])
 
+# The knob study's one learning rate and its starting point (METHODS' knob_* rows)
+KNOB_LR = 1e-4
+KNOB_START = dict(num_negatives=19, reference=False, beta=1.0, share_negatives=False, margin_mode="none",
+                  learning_rate=KNOB_LR)
+
 # The ablations, sweeps and the leak model are compared on ranking HR@1 only: generative and constrained
 # decoding cost ~3x the ranking pass; the main methods show both (free generation is where they differ).
 RANKING_ONLY = dict(generative=False, constrained=False)
@@ -175,6 +180,35 @@ METHODS = {
                        flags={**NAPO, "rho": 0.5}, eval_flags=RANKING_ONLY),
     "napo_rho10": dict(stage="softmax_dpo", start="sft", label="NAPO (rho=1.0)", group="rho_sweep",
                        flags={**NAPO, "rho": 1.0}, eval_flags=RANKING_ONLY),
+    # The knobs (docs/method.md, "SFT is listwise S-DPO"): on a model whose probability sits on the 20 candidates,
+    # reference-free S-DPO over all 19 negatives at beta 1 without margin or sharing (`knob_start`) has SFT's loss
+    # up to log P(candidates), so it should tie with SFT continued on the same rows, steps and learning rate
+    # (`knob_sft_cont`). Each other row moves one knob away from that point; `knob_napo` is NAPO's defaults,
+    # `knob_sdpo_ref` S-DPO as published (K=3, reference), `knob_dpo` TRL's DPO (K=1, reference): all at the
+    # one learning rate KNOB_LR and the same budget, evaluated by ranking and free generation under `clean`.
+    **{name: dict(spec, group="knobs", protocols=("clean",), eval_flags=dict(constrained=False))
+       for name, spec in {
+           "knob_sft_cont": dict(stage="sft", start="sft", label="SFT continued (knob study)",
+                                 flags=dict(learning_rate=KNOB_LR)),
+           "knob_start": dict(stage="softmax_dpo", start="sft", label="S-DPO K=19, reference-free, beta=1",
+                              flags=KNOB_START),
+           **{f"knob_beta{b:g}": dict(stage="softmax_dpo", start="sft", label=f"knob: beta={b:g}",
+                                      flags={**KNOB_START, "beta": b}) for b in (0.1, 0.3, 3.0)},
+           "knob_ref": dict(stage="softmax_dpo", start="sft", label="knob: reference model",
+                            flags={**KNOB_START, "reference": True}),
+           **{f"knob_k{k}": dict(stage="softmax_dpo", start="sft", label=f"knob: K={k}",
+                                 flags={**KNOB_START, "num_negatives": k}) for k in (1, 3, 7)},
+           **{f"knob_gamma{g:g}": dict(stage="softmax_dpo", start="sft", label=f"knob: fixed margin gamma0={g:g}",
+                                       flags={**KNOB_START, "margin_mode": "user", "alpha": 0.0, "gamma0": g})
+              for g in (0.5, 1.0, 3.0)},
+           "knob_share": dict(stage="softmax_dpo", start="sft", label="knob: sharing (rho=0.7)",
+                              flags={**KNOB_START, "share_negatives": True, "rho": 0.7}),
+           "knob_napo": dict(stage="softmax_dpo", start="sft", label="NAPO defaults (knob study)",
+                             flags={**{k: v for k, v in NAPO.items() if k != "learning_rate"}, "learning_rate": KNOB_LR}),
+           "knob_sdpo_ref": dict(stage="softmax_dpo", start="sft", label="S-DPO K=3 with reference (knob study)",
+                                 flags={**KNOB_START, "num_negatives": 3, "reference": True}),
+           "knob_dpo": dict(stage="dpo", start="sft", label="DPO (knob study)", flags=dict(learning_rate=KNOB_LR, beta=1.0)),
+       }.items()},
 }
 
 # The validation sweep (`python reproduce.py sweep`): per method family, the candidate settings tried on the
@@ -361,7 +395,7 @@ def plan(settings: dict, methods=None, extra: dict = None) -> list[Stage]:
             kw["max_train_samples"] = s["sft_rows"]
         else:  # a preference stage, or SFT continued: from the start method's adapter, on the preference rows
             start = spec["start"]
-            kw["start_adapter" if kind == "sft" else "resume_from_checkpoint"] = o(start, "final_checkpoint")
+            kw["start_adapter"] = o(start, "final_checkpoint")
             kw["max_train_samples"] = s["pref_rows"]
             deps.append(f"{start}:train")
             if needs_sasrec(m, table):
@@ -381,7 +415,7 @@ def plan(settings: dict, methods=None, extra: dict = None) -> list[Stage]:
         for p in spec.get("protocols", PROTOCOLS):
             if split != "test":
                 metrics_file = o(m, f"{split}_{p}", "metrics.json")
-                kw = dict(common, resume_from_checkpoint=o(adapter, "final_checkpoint"),
+                kw = dict(common, adapter=o(adapter, "final_checkpoint"),
                           output_dir=o(m, f"{split}_{p}"),
                           protocol=p, split=split, max_test_samples=s["val_rows"], seed=s["seed"],
                           **{**stage_flags("inference", quick), **spec.get("eval_flags", {})})
@@ -399,7 +433,7 @@ def plan(settings: dict, methods=None, extra: dict = None) -> list[Stage]:
                           test_rows=s["test_rows"], output=metrics_file)
                 stages.append(Stage(m, f"eval_{p}", "reproduce", kw, metrics_file, command="baseline"))
             else:
-                kw = dict(common, resume_from_checkpoint=o(adapter, "final_checkpoint"), output_dir=o(m, f"eval_{p}"),
+                kw = dict(common, adapter=o(adapter, "final_checkpoint"), output_dir=o(m, f"eval_{p}"),
                           protocol=p, max_test_samples=s["test_rows"], seed=s["seed"],
                           **{**stage_flags("inference", quick), **spec.get("eval_flags", {})})
                 stages.append(Stage(m, f"eval_{p}", "inference", kw, metrics_file, deps=[f"{adapter}:train"],

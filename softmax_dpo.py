@@ -1,7 +1,7 @@
 """Stage 2b — S-DPO and NAPO (NAPO by default, with the NAPO authors' values:
 K=3, rho=0.7, gamma0=1, alpha=0.3, momentum=0.9, beta=1, reference-free; written once, in napo_config.NAPOConfig).
 
-    python softmax_dpo.py --resume_from_checkpoint output/sft/final_checkpoint --output_dir output/napo
+    python softmax_dpo.py --start_adapter output/sft/final_checkpoint --output_dir output/napo
 
 Flags switch NAPO's pieces off:
     --share_negatives False --margin_mode none --reference True     plain S-DPO (K negatives, softmax loss)
@@ -40,7 +40,8 @@ def build_trainer(model, tokenizer, info, rows, napo, sasrec=None, precompute_re
 def main(
     base_model: str = "tiny",
     dataset: str = "lastfm",
-    resume_from_checkpoint: str = None,  # the SFT adapter to start from, or a checkpoint-N of this run to continue
+    start_adapter: str = None,           # the SFT adapter to start from (e.g. output/sft/final_checkpoint)
+    resume_from_checkpoint: str = None,  # a checkpoint-N of an interrupted run of this stage to continue (True: the latest)
     output_dir: str = "output/napo",
     protocol: str = "clean",
     batch_size: int = 16,                # per-device batch; the sharing pool is the global batch
@@ -78,7 +79,7 @@ def main(
 
     if precompute_ref_log_probs and not reference:
         raise cli.OptionError("--precompute_ref_log_probs True needs --reference True")
-    start, ckpt = modeling.resolve_start(resume_from_checkpoint, output_dir)
+    start, ckpt = modeling.resolve_start(start_adapter, resume_from_checkpoint, output_dir)
     catalog = di.load_catalog(dataset)
     rows = di.preference_rows(catalog, "train", protocol, num_negatives, seed, num_train_epochs, max_train_samples)
     modeling.check_start(base_model, dataset, start, ckpt)  # the SFT adapter was trained on this base model

@@ -101,7 +101,7 @@ def test_options_checked_by_type_and_range(capsys, no_models, tmp_path, small_mo
     out = tmp_path / "out"
     args = ["--base_model", small_model, "--output_dir", out, *argv]
     if script in ("dpo", "softmax_dpo"):
-        args += ["--resume_from_checkpoint", tmp_path]  # exists; never reached
+        args += ["--start_adapter", tmp_path]  # exists; never reached
     last = cli_error(capsys, main, args)
     assert needle in last, last
     assert not out.exists(), "nothing is written (no start.json, no output folder)"
@@ -117,7 +117,7 @@ def test_margin_mode_authors_is_accepted(capsys, no_models, tmp_path, small_mode
     cli.check_options({"margin_mode": "authors"})
     out = tmp_path / "out"
     last = cli_error(capsys, softmax_dpo.main, ["--base_model", small_model, "--output_dir", out,
-                                                "--resume_from_checkpoint", tmp_path, "--margin_mode", "authors",
+                                                "--start_adapter", tmp_path, "--margin_mode", "authors",
                                                 "--gamma0", -1])
     assert "--gamma0 -1" in last and "margin_mode" not in last, last
     assert not out.exists()
@@ -175,12 +175,12 @@ def test_entry_scripts_end_in_one_error_line(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_inference_sh_takes_resume_from_checkpoint(tmp_path):
+@pytest.mark.parametrize("flag", ["--adapter", "--resume_from_checkpoint"])  # the new name and the old one
+def test_inference_sh_takes_the_adapter_flag(tmp_path, flag):
     missing = tmp_path / "no_adapter_here"
-    r = _run(["bash", REPO / "inference.sh", "--resume_from_checkpoint", missing, "--max_test_samples", 2],
-             cwd=tmp_path)
+    r = _run(["bash", REPO / "inference.sh", flag, missing, "--max_test_samples", 2], cwd=tmp_path)
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1] == f"error: --resume_from_checkpoint '{missing}': no such folder"
+    assert r.stderr.strip().splitlines()[-1] == f"error: --adapter '{missing}': no such folder"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -193,8 +193,11 @@ def test_missing_or_wrong_adapter_fails_before_the_model_loads(capsys, no_models
 
     out = tmp_path / "out"
     base = ["--base_model", small_model, "--output_dir", out]
-    last = cli_error(capsys, inference.main, base + ["--resume_from_checkpoint", tmp_path / "missing"])
-    assert "--resume_from_checkpoint" in last and "missing" in last and "no such folder" in last
+    last = cli_error(capsys, inference.main, base + ["--adapter", tmp_path / "missing"])
+    assert "--adapter" in last and "missing" in last and "no such folder" in last
+    last = cli_error(capsys, inference.main, base + ["--adapter", tmp_path])
+    assert "adapter_config.json missing" in last
+    # the old spelling still works, with a deprecation warning
     last = cli_error(capsys, inference.main, base + ["--resume_from_checkpoint", tmp_path])
     assert "adapter_config.json missing" in last
     # SFT continues only from a Trainer checkpoint of its own (checkpoint-N), not from a final adapter
@@ -217,7 +220,8 @@ def test_adapter_on_another_base_model_is_refused(capsys, no_models, tmp_path, a
     out = tmp_path / "out"
     for main, flags in ((inference.main, []), (dpo.main, []), (softmax_dpo.main, ["--sasrec_checkpoint", tmp_path])):
         rows = ["--max_test_samples" if main is inference.main else "--max_train_samples", 8]
-        last = cli_error(capsys, main, ["--base_model", adapter["other"], "--resume_from_checkpoint",
+        flag = "--adapter" if main is inference.main else "--start_adapter"
+        last = cli_error(capsys, main, ["--base_model", adapter["other"], flag,
                                         adapter["final"], "--output_dir", out, *rows, *flags])
         assert adapter["other"] in last and str(rec["path"]) in last, last
         assert rec["fingerprint"] in last and modeling.base_fingerprint(adapter["other"]) in last

@@ -153,7 +153,7 @@ def test_dpo_two_processes(small_model, sft_two, work):
 def napo_runs(small_model, sft_two, sasrec_dir, work):
     """NAPO (sharing + user margin, reference model with precomputed reference log-probs) on the same 16 rows:
     one process x batch 8 (plain python, no launcher) and 2 processes x batch 4 (softmax_dpo.sh, NPROC=2)."""
-    common = ["--base_model", small_model, "--resume_from_checkpoint", sft_two[0] / "final_checkpoint",
+    common = ["--base_model", small_model, "--start_adapter", sft_two[0] / "final_checkpoint",
               "--sasrec_checkpoint", sasrec_dir, "--max_train_samples", 16, "--logging_steps", 1,
               "--learning_rate", 1e-2, "--warmup_ratio", 0.0, "--reference", True,
               "--precompute_ref_log_probs", True]
@@ -188,7 +188,7 @@ def test_napo_two_processes_train_like_one(napo_runs):
 def test_inference_two_processes_equal_one(small_model, napo_runs, work):
     adapter = napo_runs[1] / "final_checkpoint"
     args = ["--max_test_samples", 20, "--batch_size", 4, "--progress", False]  # 5 batches: 3 + 2 per rank
-    _run([sys.executable, REPO / "inference.py", "--base_model", small_model, "--resume_from_checkpoint", adapter,
+    _run([sys.executable, REPO / "inference.py", "--base_model", small_model, "--adapter", adapter,
           "--output_dir", work / "ev1", *args], work)
     _run(["bash", REPO / "inference.sh", *args], work, NPROC="2", BASE_MODEL=small_model, ADAPTER=str(adapter),
          OUTPUT_DIR=str(work / "ev2"))

@@ -398,3 +398,30 @@ def test_update_running_mean():
     assert m == pytest.approx(1.0)
     with pytest.raises(NAPOLossError):
         update_running_mean(0.0, 1.0, 1.5)
+
+
+def test_listwise_sdpo_is_sft_up_to_the_candidate_mass():
+    """The identity behind docs/method.md's "SFT is listwise S-DPO": with rewards r = log p (reference-free,
+    beta = 1), all the other candidates as negatives and no margin, S-DPO's loss is the SFT loss -log p(target)
+    plus log P(candidates) = log sum_c p(c), in value and in gradient. A model whose mass sits on the list
+    (P(candidates) ~ 1) gets the same gradient from both; the gap is exactly log P(candidates)."""
+    torch.manual_seed(0)
+    for mass_scale in (0.0, 4.0):  # logits over 25 "answers", 20 of them candidates; a larger scale moves mass off
+        logits = torch.randn(6, 25, dtype=torch.float64)
+        logits[:, 20:] += mass_scale
+        logits.requires_grad_(True)
+        logp = logits.log_softmax(-1)[:, :20]           # (B, 20) log p of each candidate; candidate 0 is the target
+        loss = sdpo_loss(rewards(logp[:, 0], None, 1.0), rewards(logp[:, 1:], None, 1.0))
+        sft = -logp[:, 0]
+        log_mass = torch.logsumexp(logp, -1)
+        assert torch.allclose(loss, sft + log_mass, atol=1e-12, rtol=0)
+        (g_sdpo,) = torch.autograd.grad(loss.sum(), logits, retain_graph=True)
+        (g_sft,) = torch.autograd.grad((sft + log_mass).sum(), logits)
+        assert torch.allclose(g_sdpo, g_sft, atol=1e-12, rtol=0)
+    # and the gap is not zero unless the mass is 1: with mass off the list, the losses differ by log P(cands) < 0
+    assert log_mass.max() < -1.0
+    # with beta != 1 or K < 19 the identity no longer holds
+    loss_b = sdpo_loss(rewards(logp[:, 0], None, 0.5), rewards(logp[:, 1:], None, 0.5))
+    assert not torch.allclose(loss_b, sft + log_mass, atol=1e-3)
+    loss_k = sdpo_loss(rewards(logp[:, 0], None, 1.0), rewards(logp[:, 1:4], None, 1.0))
+    assert not torch.allclose(loss_k, sft + log_mass, atol=1e-3)

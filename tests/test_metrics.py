@@ -110,3 +110,17 @@ def test_popularity_metrics_by_hand():
     m = M.popularity_metrics([0], [5], pop)
     assert m["target_tail_share"] == 0.0 and m["hr@1_tail"] == 0.0  # no tail target: 0, not a division error
     assert math.isclose(m["top1_popularity_pct"], 100.0)
+
+
+def test_candidate_mass_is_the_probability_of_answering_from_the_list():
+    import math
+
+    import metrics as M
+
+    # row 1: 20 candidates sharing 0.5 of the mass; row 2: all of it on one candidate (+ 19 of ~0)
+    rows = [[math.log(0.5 / 20)] * 20, [0.0] + [-1e4] * 19]
+    m = M.candidate_mass(rows)
+    assert m["min"] == pytest.approx(0.5) and m["mean"] == pytest.approx(0.75)
+    assert m["p90"] == pytest.approx(1.0) and m["mean_log"] == pytest.approx(math.log(0.5) / 2)
+    with pytest.raises(ValueError):
+        M.candidate_mass([])

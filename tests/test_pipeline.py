@@ -111,7 +111,7 @@ def test_sft_then_inference_beats_untrained(small_model, tmp_path):
     adapter = sft.main(base_model=small_model, output_dir=str(tmp_path / "sft"), max_train_samples=1280,
                        batch_size=16, learning_rate=5e-3, logging_steps=5, lora_dropout=0.0)
     assert (Path(adapter) / "adapter_config.json").exists()
-    res = inference.main(base_model=small_model, resume_from_checkpoint=adapter, output_dir=str(tmp_path / "eval"),
+    res = inference.main(base_model=small_model, adapter=adapter, output_dir=str(tmp_path / "eval"),
                          max_test_samples=n_test, batch_size=8, progress=False)
     assert res["ranking"]["hr@1"] > base["ranking"]["hr@1"] + 0.05
     m = json.loads((tmp_path / "eval" / "metrics.json").read_text())

@@ -46,7 +46,7 @@ def test_dpo_sdpo_napo_then_inference(stages):
     import softmax_dpo
 
     root, model = stages["root"], stages["model"]
-    common = dict(base_model=model, resume_from_checkpoint=stages["sft"], max_train_samples=N_TRAIN,
+    common = dict(base_model=model, start_adapter=stages["sft"], max_train_samples=N_TRAIN,
                   batch_size=8, logging_steps=1)
     dpo.main(output_dir=str(root / "dpo"), learning_rate=1e-3, **common)
     softmax_dpo.main(output_dir=str(root / "sdpo"), share_negatives=False, margin_mode="none", reference=True,
@@ -57,7 +57,7 @@ def test_dpo_sdpo_napo_then_inference(stages):
         adapter = root / stage / "final_checkpoint"
         assert (adapter / "adapter_config.json").exists(), stage
         assert not (adapter / "ref").exists(), "only the trained adapter is saved, not TRL's frozen copy"
-        res = inference.main(base_model=model, resume_from_checkpoint=str(adapter),
+        res = inference.main(base_model=model, adapter=str(adapter),
                              output_dir=str(root / f"eval_{stage}"), max_test_samples=16, progress=False)
         assert res["n_rows"] == 16 and 0.0 <= res["ranking"]["hr@1"] <= 1.0
     # NAPO logged its own metrics with the standard names
@@ -92,7 +92,7 @@ def test_authors_mode_trains(stages, tmp_path, monkeypatch):
 
     monkeypatch.setattr(napo_trainer, "authors_objective", recording)
     out = tmp_path / "authors"
-    softmax_dpo.main(base_model=stages["model"], resume_from_checkpoint=stages["sft"], output_dir=str(out),
+    softmax_dpo.main(base_model=stages["model"], start_adapter=stages["sft"], output_dir=str(out),
                      sasrec_checkpoint=stages["sasrec"], margin_mode="authors", max_train_samples=16, batch_size=8,
                      logging_steps=1, learning_rate=1e-3)
     info = json.loads((out / "final_checkpoint" / "napo_run.json").read_text())
@@ -109,7 +109,7 @@ def test_bad_options_fail_before_training(stages, tmp_path):
     import cli
     import softmax_dpo
 
-    common = dict(base_model=stages["model"], resume_from_checkpoint=stages["sft"], max_train_samples=8,
+    common = dict(base_model=stages["model"], start_adapter=stages["sft"], max_train_samples=8,
                   sasrec_checkpoint=stages["sasrec"])
     with pytest.raises(cli.OptionError, match="--num_negatives 0"):
         softmax_dpo.main(output_dir=str(tmp_path / "a"), num_negatives=0, **common)
@@ -118,10 +118,15 @@ def test_bad_options_fail_before_training(stages, tmp_path):
     with pytest.raises(cli.OptionError, match="--rho 1.5"):
         softmax_dpo.main(output_dir=str(tmp_path / "a"), rho=1.5, **common)
     with pytest.raises(cli.OptionError, match="missing'?: no such folder"):
-        softmax_dpo.main(**{**common, "resume_from_checkpoint": str(tmp_path / "missing")},
-                         output_dir=str(tmp_path / "a"))
+        softmax_dpo.main(**{**common, "start_adapter": str(tmp_path / "missing")}, output_dir=str(tmp_path / "a"))
+    with pytest.raises(cli.OptionError, match="missing'?: no such folder"):
+        softmax_dpo.main(**common, resume_from_checkpoint=str(tmp_path / "missing"), output_dir=str(tmp_path / "a"))
     with pytest.raises(modeling.ModelError, match="adapter_config.json"):
-        softmax_dpo.main(**{**common, "resume_from_checkpoint": str(tmp_path)}, output_dir=str(tmp_path / "a"))
+        softmax_dpo.main(**{**common, "start_adapter": str(tmp_path)}, output_dir=str(tmp_path / "a"))
+    with pytest.raises(modeling.ModelError, match="not a Trainer checkpoint"):
+        softmax_dpo.main(**common, resume_from_checkpoint=str(tmp_path), output_dir=str(tmp_path / "a"))
+    with pytest.raises(modeling.ModelError, match="--start_adapter is required"):
+        softmax_dpo.main(**{**common, "start_adapter": None}, output_dir=str(tmp_path / "a"))
     assert not (tmp_path / "a").exists(), "nothing is written before the options are checked"
 
 
@@ -138,7 +143,7 @@ def test_sasrec_of_another_dataset_is_refused(stages, tmp_path):
     other = tmp_path / "sasrec_other"
     sasrec.train_sasrec(str(small), str(other), epochs=1)
     r = subprocess.run([sys.executable, str(REPO / "softmax_dpo.py"), "--base_model", stages["model"],
-                        "--resume_from_checkpoint", stages["sft"], "--sasrec_checkpoint", str(other),
+                        "--start_adapter", stages["sft"], "--sasrec_checkpoint", str(other),
                         "--output_dir", str(tmp_path / "out")], capture_output=True, text=True)
     assert r.returncode != 0
     last = r.stderr.strip().splitlines()[-1]
@@ -155,7 +160,7 @@ def test_killed_run_resumes_to_the_same_adapter(stages, tmp_path, monkeypatch):
     import napo_trainer
     import softmax_dpo
 
-    common = dict(base_model=stages["model"], resume_from_checkpoint=stages["sft"], max_train_samples=32,
+    common = dict(base_model=stages["model"], start_adapter=stages["sft"], max_train_samples=32,
                   batch_size=8, sasrec_checkpoint=stages["sasrec"], save_steps=2, learning_rate=3e-3,
                   logging_steps=1)
     softmax_dpo.main(output_dir=str(tmp_path / "full"), **common)
