@@ -50,9 +50,9 @@ import time
 from pathlib import Path
 
 import cli
-from cli import NapoError
+from errors import BenchmarkError
 
-REPO_DIR = Path(__file__).resolve().parent
+from cache import REPO_DIR  # noqa: E402
 FULL_KS = (1, 3, 7, 15, 19)
 QUICK_KS = (1, 3, 15)
 # the cost targets this project holds NAPO to: ratio key -> (comparison, bound)
@@ -63,10 +63,6 @@ TARGETS = {
     "rank_over_prompt_forward": ("<=", 2.0),
     "rank_naive_over_shared": (">=", 5.0),
 }
-
-
-class BenchmarkError(NapoError):
-    """Bad option or a failed measurement; one line."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -280,14 +276,14 @@ def measure_ranking(task) -> dict:
 
     import data_interface as di
     import inference
-    import modeling
     import scoring
+    import tokens
 
     catalog, model, tokenizer, info = _setup(task)
     model.eval()
     B, pad = task["batch_size"], tokenizer.pad_token_id
     rows = di.eval_rows(catalog, "test", "clean", task["seed"], task["rank_rows"])
-    enc = [modeling.encode_prompt_answers(tokenizer, r["prompt"],
+    enc = [tokens.encode_prompt_answers(tokenizer, r["prompt"],
                                           [di.answer_text(catalog, c) for c in r["candidate_ids"]]) for r in rows]
     batches = [enc[i:i + B] for i in range(0, len(enc), B)]
 
@@ -326,10 +322,10 @@ def measure_ranking(task) -> dict:
     same = [order(a) == order(b) for a, b in zip(scores["shared"], scores["naive"])]
     max_diff = max(abs(x - y) for a, b in zip(scores["shared"], scores["naive"]) for x, y in zip(a, b))
 
-    def metrics(s):
+    def metrics(s):  # the ranking metrics inference.py reports (the candidate mass is a float of the scores)
         preds = [{"index": r["index"], "target_id": r["target_id"], "candidate_ids": r["candidate_ids"],
                   "scores": sc} for r, sc in zip(rows, s)]
-        return inference.summarise(catalog, preds, "clean", "test")
+        return {k: v for k, v in inference.summarise(catalog, preds, "clean", "test").items() if k != "candidate_mass"}
 
     m_shared, m_naive = metrics(scores["shared"]), metrics(scores["naive"])
 
@@ -367,8 +363,7 @@ def run_task(task: dict, verbose: bool, isolate: bool = True) -> dict:
     with tempfile.TemporaryDirectory(prefix="napo_bench_task_") as tmp:
         tp, rp = Path(tmp) / "task.json", Path(tmp) / "result.json"
         tp.write_text(jsonlib.dumps(task))
-        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-               "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONWARNINGS": "ignore"}
+        env = {**os.environ, "PYTHONWARNINGS": "ignore"}  # offline: cache.py, imported by the worker's stages
         proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "_worker", str(tp), str(rp)],
                               cwd=REPO_DIR, env=env, capture_output=not verbose, text=True)
         if proc.returncode != 0 or not rp.exists():
@@ -440,74 +435,9 @@ def _check_ks(name, ks):
     return tuple(cli.RULES["num_negatives"](name, k) for k in ks)
 
 
-@cli.validated(ks=cli.Rule(check=_check_ks))
-def main(
-    quick: bool = False,                  # reduced run: K in {1, 3, 15}, fewer steps and rows (< ~5 min here)
-    base_model: str = "tiny",             # 'tiny' (embedded default), 'tiny-bpe', 'smollm2-135m' or a local folder
-    dataset: str = "lastfm",
-    threads: int = None,                  # torch threads in every worker (default: torch's default here)
-    batch_size: int = 4,                  # per-device batch, the same for every method
-    ks: tuple = None,                     # K values (default 1,3,7,15,19; quick 1,3,15)
-    steps: int = None,                    # timed steps per method (default 20; quick 8)
-    warmup: int = None,                   # untimed first steps (default 3; quick 2)
-    rank_rows: int = None,                # test rows for ranking (default 64; quick 32)
-    rank_repeats: int = None,             # timing repeats for ranking (median; default 5; quick 3)
-    gen_rows: int = None,                 # test rows for generation time (default 32; quick 16)
-    max_new_tokens: int = 20,
-    reference: bool = False,              # NAPO rows with a reference model (S-DPO rewards) instead of NAPO's default
-    sasrec_checkpoint: str = None,        # SASRec folder; default: sasrec.get_or_train_sasrec(dataset) (cached)
-    cutoff_len: int = 512,
-    seed: int = 0,
-    json: str = "results/benchmark.json",      # where the results go (JSON)
-    markdown: str = "results/benchmark.md",    # and the markdown table
-    verbose: bool = False,                # show the workers' output
-    isolate: bool = True,                 # each measurement in a fresh process (False: in this one; faster, for
-                                          # tests, but then a method's memory can hide in an earlier one's)
-):
-    import torch
-
-    ks = ks if ks is not None else (QUICK_KS if quick else FULL_KS)
-    ks = tuple(int(k) for k in ((ks,) if isinstance(ks, int) else ks))
-    steps = steps if steps is not None else (8 if quick else 20)
-    warmup = warmup if warmup is not None else (2 if quick else 3)
-    rank_rows = rank_rows if rank_rows is not None else (32 if quick else 64)
-    rank_repeats = rank_repeats if rank_repeats is not None else (3 if quick else 5)
-    gen_rows = gen_rows if gen_rows is not None else (16 if quick else 32)
-    threads = threads or torch.get_num_threads()
-    # the options' types and ranges (K's included) are checked by cli.validated, before this body runs
-    missing = [k for k in (3, 15) if k not in ks]
-    t_start, machine = time.time(), machine_info(threads)
-    import modeling
-
-    # Resolved once (and built if needed): every worker loads this very folder, even if the embedded model's
-    # recipe (hence its cache folder) changes while the benchmark runs.
-    model_path = str(modeling.resolve_base_model(base_model, dataset))
-    base = {"base_model": model_path, "dataset": dataset, "threads": threads, "batch_size": batch_size,
-            "seed": seed, "cutoff_len": cutoff_len}
-    n_rows = batch_size * (warmup + steps)
-    train_base = {**base, "kind": "train", "n_rows": n_rows, "steps": steps, "warmup": warmup,
-                  "reference": reference, "sasrec_checkpoint": sasrec_checkpoint}
-    if sasrec_checkpoint is None:
-        import sasrec as sr
-
-        sr.get_or_train_sasrec(dataset)  # train + cache once, outside the timed workers
-    print(f"benchmark: model {base_model}, batch {batch_size}, {n_rows} rows, {warmup}+{steps} steps, K {list(ks)}, "
-          f"torch threads {threads}", flush=True)
-    plan = [("sft", 0), ("sft_plain", 0), ("dpo", 1)] + [(m, k) for k in ks for m in ("napo_naive", "napo_shared")]
-    training = []
-    for method, K in plan:
-        r = run_task({**train_base, "method": method, "K": K}, verbose, isolate)
-        training.append(r)
-        print(f"  {LABELS[method]:<24} K={K:<2}  {r['step_s']:.3f} s/step  peak {r['peak_rss_mb']:.0f} MB "
-              f"(Δ {r['delta_rss_mb']:.0f} MB)  [{time.time() - t_start:.0f}s]", flush=True)
-    ranking = run_task({**base, "kind": "rank", "rank_rows": rank_rows, "rank_repeats": rank_repeats,
-                        "gen_rows": gen_rows, "max_new_tokens": max_new_tokens}, verbose, isolate)
-    print(f"  ranking: shared {ranking['rank_shared_s_per_row'] * 1e3:.2f} ms/row, naive "
-          f"{ranking['rank_naive_s_per_row'] * 1e3:.2f}, prompt forward "
-          f"{ranking['prompt_forward_s_per_row'] * 1e3:.2f}, generate {ranking['generate_s_per_row'] * 1e3:.2f}; "
-          f"identical ranking {ranking['identical_ranking']}  "
-          f"[{time.time() - t_start:.0f}s]", flush=True)
-
+def ratios_of(training: list[dict], ranking: dict, ks) -> dict:
+    """The benchmark's ratios: NAPO K=3 / K=15 step time and memory over SFT's (and over the plain SFT loop's),
+    ranking cost over one prompt forward, naive over prefix-shared scoring, and naive over shared NAPO per K."""
     def find(method, K=None):
         return next((r for r in training if r["method"] == method and (K is None or r["K"] == K)), None)
 
@@ -525,23 +455,107 @@ def main(
         "rank_naive_over_shared": _ratio(ranking["rank_naive_s_per_row"], ranking["rank_shared_s_per_row"]),
     }
     for k in ks:
-        nv, sh = find("napo_naive", k), find("napo_shared", k)
-        ratios[f"napo_k{k}_naive_over_shared"] = _ratio(nv["step_s"], sh["step_s"])
-    targets = {}
+        ratios[f"napo_k{k}_naive_over_shared"] = _ratio(find("napo_naive", k)["step_s"], find("napo_shared", k)["step_s"])
+    return ratios
+
+
+def targets_of(ratios: dict) -> dict:
+    """Each TARGETS ratio with its bound and whether it passes."""
+    out = {}
     for key, (op, bound) in TARGETS.items():
         v = ratios[key]
-        ok = v is not None and (v <= bound if op == "<=" else v >= bound)
-        targets[key] = {"value": v, "op": op, "bound": bound, "pass": ok}
+        out[key] = {"value": v, "op": op, "bound": bound,
+                    "pass": v is not None and (v <= bound if op == "<=" else v >= bound)}
+    return out
+
+
+def measure_all(base: dict, train_base: dict, plan: list, rank_task: dict, verbose: bool, isolate: bool, t_start):
+    """Every training measurement of `plan` ((method, K) pairs) and the ranking one, printed as they finish."""
+    training = []
+    for method, K in plan:
+        r = run_task({**train_base, "method": method, "K": K}, verbose, isolate)
+        training.append(r)
+        print(f"  {LABELS[method]:<24} K={K:<2}  {r['step_s']:.3f} s/step  peak {r['peak_rss_mb']:.0f} MB "
+              f"(Δ {r['delta_rss_mb']:.0f} MB)  [{time.time() - t_start:.0f}s]", flush=True)
+    ranking = run_task({**base, **rank_task}, verbose, isolate)
+    print(f"  ranking: shared {ranking['rank_shared_s_per_row'] * 1e3:.2f} ms/row, naive "
+          f"{ranking['rank_naive_s_per_row'] * 1e3:.2f}, prompt forward "
+          f"{ranking['prompt_forward_s_per_row'] * 1e3:.2f}, generate {ranking['generate_s_per_row'] * 1e3:.2f}; "
+          f"identical ranking {ranking['identical_ranking']}  [{time.time() - t_start:.0f}s]", flush=True)
+    return training, ranking
+
+
+@cli.validated(ks=cli.Rule(check=_check_ks))
+def main(quick: bool = False, base_model: str = "tiny", dataset: str = "lastfm", threads: int = None,
+         batch_size: int = 4, ks: tuple = None, steps: int = None, warmup: int = None, rank_rows: int = None,
+         rank_repeats: int = None, gen_rows: int = None, max_new_tokens: int = 20, reference: bool = False,
+         sasrec_checkpoint: str = None, cutoff_len: int = 512, seed: int = 0, json: str = "results/benchmark.json",
+         markdown: str = "results/benchmark.md", verbose: bool = False, isolate: bool = True):
+    """Step time and peak memory of every method, and the cost of ranking (see the module's docstring).
+
+    Args:
+        quick: a reduced run: K in {1, 3, 15}, fewer steps and rows (a few minutes on 2 cores).
+        base_model: tiny (the embedded default), tiny-nocopy, smollm2-135m or a local model folder.
+        dataset: a dataset name under data/ or a dataset folder.
+        threads: torch threads in every worker (default: torch's default here).
+        batch_size: per-device batch, the same for every method.
+        ks: the K values (default 1,3,7,15,19; quick 1,3,15).
+        steps: timed steps per method (default 20; quick 8).
+        warmup: untimed first steps (default 3; quick 2).
+        rank_rows: test rows for ranking (default 64; quick 32).
+        rank_repeats: timing repeats for ranking, their median (default 5; quick 3).
+        gen_rows: test rows for the generation time (default 32; quick 16).
+        max_new_tokens: the decoding budget of the generation time.
+        reference: NAPO rows with a reference model (S-DPO rewards) instead of NAPO's reference-free default.
+        sasrec_checkpoint: a SASRec folder (default: the dataset's cached one, trained once).
+        cutoff_len: max prompt+answer tokens.
+        seed: seeds the rows and training.
+        json: where the results go (JSON).
+        markdown: where the markdown table goes.
+        verbose: show the workers' output.
+        isolate: each measurement in a fresh process (False: in this one; faster, for tests, but then a
+            method's memory can hide in an earlier one's).
+    """
+    import torch
+
+    import modeling
+
+    ks = ks if ks is not None else (QUICK_KS if quick else FULL_KS)
+    ks = tuple(int(k) for k in ((ks,) if isinstance(ks, int) else ks))
+    steps = steps if steps is not None else (8 if quick else 20)
+    warmup = warmup if warmup is not None else (2 if quick else 3)
+    rank_task = {"kind": "rank", "rank_rows": rank_rows or (32 if quick else 64),
+                 "rank_repeats": rank_repeats or (3 if quick else 5), "gen_rows": gen_rows or (16 if quick else 32),
+                 "max_new_tokens": max_new_tokens}
+    threads = threads or torch.get_num_threads()
+    t_start, machine = time.time(), machine_info(threads)
+    # Resolved once (and built if needed): every worker loads this very folder, even if the embedded model's
+    # recipe (hence its cache folder) changes while the benchmark runs.
+    model_path = str(modeling.resolve_base_model(base_model, dataset))
+    base = {"base_model": model_path, "dataset": dataset, "threads": threads, "batch_size": batch_size,
+            "seed": seed, "cutoff_len": cutoff_len}
+    n_rows = batch_size * (warmup + steps)
+    train_base = {**base, "kind": "train", "n_rows": n_rows, "steps": steps, "warmup": warmup,
+                  "reference": reference, "sasrec_checkpoint": sasrec_checkpoint}
+    if sasrec_checkpoint is None:
+        import sasrec as sr
+
+        sr.get_or_train_sasrec(dataset)  # train + cache once, outside the timed workers
+    print(f"benchmark: model {base_model}, batch {batch_size}, {n_rows} rows, {warmup}+{steps} steps, K {list(ks)}, "
+          f"torch threads {threads}", flush=True)
+    plan = [("sft", 0), ("sft_plain", 0), ("dpo", 1)] + [(m, k) for k in ks for m in ("napo_naive", "napo_shared")]
+    training, ranking = measure_all(base, train_base, plan, rank_task, verbose, isolate, t_start)
+    ratios = ratios_of(training, ranking, ks)
+    targets = targets_of(ratios)
     res = {
         "command": (f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else "")
         + ("python benchmark.py " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("benchmark.py")
            else "benchmark.main(...)"),
         "machine": machine, "model_path": model_path,
         "config": {"quick": quick, "base_model": base_model, "dataset": dataset, "batch_size": batch_size,
-                   "ks": list(ks), "steps": steps, "warmup": warmup, "n_rows": n_rows, "rank_rows": rank_rows,
-                   "rank_repeats": rank_repeats, "gen_rows": gen_rows, "max_new_tokens": max_new_tokens,
+                   "ks": list(ks), "steps": steps, "warmup": warmup, "n_rows": n_rows, **rank_task,
                    "reference": reference, "sasrec_checkpoint": sasrec_checkpoint or "get_or_train_sasrec",
-                   "seed": seed, "isolated_processes": isolate, "missing_target_k": missing},
+                   "seed": seed, "isolated_processes": isolate, "missing_target_k": [k for k in (3, 15) if k not in ks]},
         "timing": "the real trainers (a TrainerCallback, end of step to end of step); 'SFT plain' is a manual loop",
         "training": training, "ranking": ranking, "ratios": ratios, "targets": targets,
         "identical_ranking": ranking["identical_ranking"],
@@ -569,25 +583,35 @@ def build(dataset: str = "lastfm", steps: int = 12, warmup: int = 2, threads: in
     step (which goes first alternates too), so machine load hits both alike. A step is the build's step:
     inputs, forward, backward, clipping, AdamW. Prints s/step (median of the timed steps), the ratio, the
     padding share of each, the full build's step count, and |Δ loss| at the first step (same weights, so
-    the same loss up to float rounding)."""
+    the same loss up to float rounding).
+
+    Args:
+        dataset: a dataset name under data/ or a dataset folder.
+        steps: timed steps of each mode.
+        warmup: untimed first steps.
+        threads: torch threads (default: torch's default here).
+        json: where the result goes.
+    """
     import copy
 
     import torch
 
     import data_interface as di
-    import modeling
+    import pretrain_data
+    import pretrain_loss
+    import tiny_build
 
     if threads:
         torch.set_num_threads(int(threads))
     # --steps, --warmup and --threads are checked by cli.validated (cli.RULES) before this body runs
     catalog = di.load_catalog(dataset)
-    opts = dict(modeling.TINY_DEFAULTS)
-    tokenizer = modeling.tiny_tokenizer(catalog, opts)
-    batches = modeling.pretrain_batches(tokenizer, catalog, opts)
+    opts = dict(tiny_build.TINY_DEFAULTS)
+    tokenizer = tiny_build.tiny_tokenizer(catalog, opts)
+    batches = pretrain_data.pretrain_batches(tokenizer, catalog, opts)
     if len(batches) < warmup + steps:
         raise BenchmarkError(f"--steps {steps} + --warmup {warmup}: the build has only {len(batches)} steps")
     torch.manual_seed(opts["seed"])
-    models = {"padded": modeling.new_tiny_llama(tokenizer, opts)}
+    models = {"padded": tiny_build.new_tiny_llama(tokenizer, opts)}
     models["packed"] = copy.deepcopy(models["padded"])
     opt = {k: torch.optim.AdamW(m.parameters(), lr=opts["pretrain_lr"], weight_decay=0.01) for k, m in models.items()}
     times = {k: [] for k in models}
@@ -598,8 +622,8 @@ def build(dataset: str = "lastfm", steps: int = 12, warmup: int = 2, threads: in
         for k in order:
             m = models[k].train()
             t0 = time.perf_counter()
-            inputs = modeling.batch_inputs(m, batch, tokenizer.pad_token_id, pack=k == "packed")
-            loss = modeling.batch_loss(m, inputs, opts["pretrain_list_loss"])
+            inputs = pretrain_loss.batch_inputs(m, batch, tokenizer.pad_token_id, pack=k == "packed")
+            loss = pretrain_loss.batch_loss(m, inputs, opts["pretrain_list_detach"])
             loss.backward()
             torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
             opt[k].step()

@@ -1,5 +1,5 @@
 """The one command-line layer of the entry scripts (sft, dpo, softmax_dpo, inference, sasrec, reproduce,
-benchmark, data_interface, modeling).
+benchmark, data_interface, list_recall, tiny_build).
 
     if __name__ == "__main__":
         cli.run(main)                      # or cli.run({"train": train, ...}) for sub-commands
@@ -11,10 +11,13 @@ option is checked in one place, `check_options`, from the function's annotation 
 the rule of its name in RULES (ranges, choices, paths that must exist); `@cli.validated` applies it to every
 call of a stage's `main`, from the command line or from Python, before any model is loaded or file written.
 
-Imports nothing heavy (no torch): data_interface, napo_losses and scoring take their error base class from here.
+RULES holds the generic rules (sizes, rates, fractions, paths); the module that owns an option's meaning adds
+its rule at import (`cli.add_rules(...)`: data_interface --dataset/--protocol/--split, modeling --base_model,
+napo_config --margin_mode), so this module imports nothing of the project but errors.py, and nothing heavy.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import inspect
@@ -22,17 +25,10 @@ import math
 import os
 import re
 import sys
+import types
 from pathlib import Path
 
-
-class NapoError(ValueError):
-    """The project's errors for bad input (options, data files, models, adapters): one line naming the flag,
-    file or row. Entry scripts print it as `error: ...` and exit 2, no traceback."""
-
-
-class OptionError(NapoError):
-    """A bad command-line option: unknown flag, wrong type, out of range, a path that does not exist."""
-
+from errors import NapoError, OptionError
 
 EXIT_ERROR = 2
 
@@ -77,20 +73,6 @@ class Rule:
         return v
 
 
-def _dataset(name, v):
-    import data_interface as di
-
-    di.load_catalog(v)  # the folder exists and id2name.txt parses (the splits are checked by each stage)
-    return v
-
-
-def _base_model(name, v):
-    import modeling
-
-    modeling.check_base_model_option(v)
-    return v
-
-
 def existing_folder(name, v):
     if not Path(str(v)).is_dir():
         raise OptionError(f"--{name} {str(v)!r}: no such folder")
@@ -118,24 +100,6 @@ def _lr_schedulers():
     return [s.value for s in SchedulerType]
 
 
-def _protocols():
-    import data_interface as di
-
-    return di.PROTOCOLS
-
-
-def _splits():
-    import data_interface as di
-
-    return di.SPLITS
-
-
-def _margin_modes():
-    from napo_losses import MARGIN_MODES
-
-    return MARGIN_MODES
-
-
 POSITIVE_INT = Rule(lo=1)
 COUNT = Rule(lo=0)
 ROWS = Rule(lo=-1)          # -1 = all rows
@@ -158,15 +122,19 @@ RULES: dict[str, Rule] = {
     "weight_decay": Rule(lo=0), "rho": FRACTION, "momentum": FRACTION, "gamma0": Rule(lo=0),
     "num_negatives": Rule(lo=1, hi=19),  # K: one negative per non-target candidate at most (NUM_CANDIDATES - 1)
     # choices
-    "protocol": Rule(choices=_protocols), "split": Rule(choices=_splits),
     "quantize": Rule(choices=("auto", "4bit", "none")), "scoring_mode": Rule(choices=("shared", "naive")),
-    "margin_mode": Rule(choices=_margin_modes), "lr_scheduler_type": Rule(choices=_lr_schedulers),
-    # paths
-    "dataset": Rule(check=_dataset), "base_model": Rule(check=_base_model),
+    "lr_scheduler_type": Rule(choices=_lr_schedulers),
+    # paths (--dataset and --base_model: their modules' rules, add_rules)
     "resume_from_checkpoint": Rule(check=_checkpoint_or_true), "sasrec_checkpoint": Rule(check=existing_folder),
     "start_adapter": Rule(check=existing_folder), "adapter": Rule(check=existing_folder),
     "checkpoint": Rule(check=existing_folder), "output_dir": Rule(check=_output_path),
 }
+
+
+def add_rules(**rules: Rule) -> None:
+    """The rules of the options a module owns (e.g. data_interface: --dataset, --protocol, --split), added to
+    RULES when that module is imported; every entry script imports the modules whose options it takes."""
+    RULES.update(rules)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -253,6 +221,19 @@ def check_options(values: dict, signature: inspect.Signature | None = None, rule
     return out
 
 
+def checked_call(sig: inspect.Signature, rules: dict, args, kwargs) -> inspect.BoundArguments:
+    """A call's arguments bound to `sig` (defaults applied), each checked and normalised by check_options; a call
+    that does not fit the signature is an OptionError."""
+    try:
+        bound = sig.bind(*args, **kwargs)
+    except TypeError as e:
+        raise OptionError(str(e)) from None
+    bound.apply_defaults()
+    for k, v in check_options(dict(bound.arguments), sig, rules).items():
+        bound.arguments[k] = v
+    return bound
+
+
 def validated(fn=None, **rules):
     """Decorator: check every option of each call (annotations + RULES, and the extra `rules` given here)
     before the body runs. The signature seen by fire and `--help` is the function's own."""
@@ -261,20 +242,84 @@ def validated(fn=None, **rules):
 
         @functools.wraps(f)
         def inner(*args, **kwargs):
-            try:
-                bound = sig.bind(*args, **kwargs)
-            except TypeError as e:
-                raise OptionError(str(e)) from None
-            bound.apply_defaults()
-            checked = check_options(dict(bound.arguments), sig, rules)
-            for k, v in checked.items():
-                bound.arguments[k] = v
+            bound = checked_call(sig, rules, args, kwargs)
             return f(*bound.args, **bound.kwargs)
 
         inner.__napo_validated__ = True
         return inner
 
     return wrap(fn) if fn is not None else wrap
+
+
+# --------------------------------------------------------------------------------------------------
+# Options with help, defined once and shared by several entry functions
+
+
+@dataclasses.dataclass(frozen=True)
+class Opt:
+    """One option of an entry function: its name, default, type (int, float, bool or str), one line of help,
+    and a Rule of its own where the name's rule in RULES does not fit."""
+    name: str
+    default: object
+    kind: type
+    help: str
+    rule: Rule | None = None
+
+
+def opts_of(config_class) -> list[Opt]:
+    """The Opts of a dataclass whose fields carry their help (`field(default=..., metadata={"help": ...})`)."""
+    out = []
+    for f in dataclasses.fields(config_class):
+        kind = _KINDS.get(f.type, f.type) if isinstance(f.type, str) else f.type
+        out.append(Opt(f.name, f.default, kind, f.metadata.get("help", "")))
+    return out
+
+
+def entry(*groups: list[Opt], **defaults):
+    """Decorator for an entry function `body(o)` that takes one namespace `o` of options: the options of `groups`
+    (in order; a later one of the same name replaces an earlier one), their defaults changed by `defaults` (the
+    entry's own values). The decorated function has the flat signature of those options (fire's flags; Python
+    callers pass keywords) and a docstring whose `Args:` section is every option's help, so `--help` prints a
+    line per flag; every call is checked by check_options before the body runs."""
+    def wrap(body):
+        merged: dict[str, Opt] = {}
+        for group in groups:
+            for o in group:
+                merged[o.name] = o
+        unknown = set(defaults) - set(merged)
+        if unknown:
+            raise TypeError(f"cli.entry: defaults for unknown options {sorted(unknown)}")
+        params = [inspect.Parameter(o.name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                    default=defaults.get(o.name, o.default), annotation=o.kind.__name__)
+                  for o in merged.values()]
+        sig = inspect.Signature(params)
+        rules = {o.name: o.rule for o in merged.values() if o.rule is not None}
+
+        @functools.wraps(body, assigned=("__module__", "__name__", "__qualname__"), updated=())
+        def main(*args, **kwargs):
+            return body(types.SimpleNamespace(**checked_call(sig, rules, args, kwargs).arguments))
+
+        main.__signature__ = sig
+        main.__doc__ = (inspect.cleandoc(body.__doc__ or "") + "\n\nArgs:\n"
+                        + "\n".join(f"    {o.name}: {o.help}" for o in merged.values()))
+        main.__napo_validated__ = True
+        main.__napo_options__ = merged
+        return main
+
+    return wrap
+
+
+def document(helps: dict[str, str]):
+    """Decorator: append to a function's docstring an `Args:` section with the help of each of its parameters,
+    taken from `helps` (one dict shared by the commands of a script, so a flag's help is written once)."""
+    def wrap(fn):
+        names = [p.name for p in inspect.signature(fn).parameters.values()
+                 if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+        fn.__doc__ = (inspect.cleandoc(fn.__doc__ or "") + "\n\nArgs:\n"
+                      + "\n".join(f"    {n}: {helps.get(n, '')}" for n in names))
+        return fn
+
+    return wrap
 
 
 # --------------------------------------------------------------------------------------------------
@@ -393,5 +438,5 @@ def run(target, argv: list[str] | None = None, default: str | None = None):
         end_distributed()
 
 
-__all__ = ["NapoError", "OptionError", "RULES", "Rule", "check_options", "validated", "parse_argv", "run",
-           "end_distributed"]
+__all__ = ["NapoError", "OptionError", "RULES", "Rule", "Opt", "add_rules", "check_options", "document", "entry", "opts_of",
+           "validated", "parse_argv", "run", "renamed", "end_distributed"]

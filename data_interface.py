@@ -24,18 +24,24 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from cli import NapoError, check_options
+import cache
+import cli
+from errors import DataError  # noqa: F401  (di.DataError for callers)
 
-REPO_DIR = Path(__file__).resolve().parent
-DATA_DIR = REPO_DIR / "data"
+DATA_DIR = cache.REPO_DIR / "data"
 SPLITS = ("train", "val", "test")
 PROTOCOLS = ("clean", "sdpo")
 NUM_CANDIDATES = 20
 MIN_LEN_SEQ = 3
 
 
-class DataError(NapoError):
-    """Bad input data or option; the message is one line naming the file, row or flag."""
+def _check_dataset(name, v):
+    load_catalog(v)  # the folder exists and id2name.txt parses (the splits are checked by each stage)
+    return v
+
+
+cli.add_rules(dataset=cli.Rule(check=_check_dataset), protocol=cli.Rule(choices=PROTOCOLS),
+              split=cli.Rule(choices=SPLITS))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -92,29 +98,46 @@ def _open_text(path: Path):
     raise DataError(f"{path}: file not found")
 
 
+def _lines(path: Path):
+    """(line number, line) of a text file (or its .gz copy); a file that cannot be read to its end (a cut-short
+    gzip, bytes that are not UTF-8) is a DataError naming it."""
+    import zlib
+
+    try:
+        with _open_text(path) as f:
+            yield from enumerate(f, 1)
+    except (EOFError, OSError, UnicodeDecodeError, zlib.error) as e:
+        path = path if path.exists() else path.with_name(path.name + ".gz")
+        raise DataError(f"{path}: unreadable ({type(e).__name__}: {str(e)[:80]}): a truncated or damaged copy? "
+                        "copy the dataset file again") from None
+
+
+def _empty(path: Path, what: str) -> DataError:
+    return DataError(f"{path}: empty (no {what}): a truncated or unfinished copy? copy the dataset file again")
+
+
 def load_catalog(dataset: str | os.PathLike) -> ItemCatalog:
     folder = resolve_dataset(dataset)
     path = folder / "id2name.txt"
     names: dict[int, str] = {}
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.rstrip("\n").rstrip("\r")
-            if not line.strip():
-                continue
-            if "::" not in line:
-                raise DataError(f"{path}:{lineno}: expected `id::name`, got {line[:60]!r}")
-            raw_id, name = line.split("::", 1)
-            try:
-                item_id = int(raw_id)
-            except ValueError:
-                raise DataError(f"{path}:{lineno}: item id {raw_id[:30]!r} is not an integer") from None
-            if item_id in names:
-                raise DataError(f"{path}:{lineno}: duplicate item id {item_id}")
-            if not name.strip():
-                raise DataError(f"{path}:{lineno}: empty name for item id {item_id}")
-            names[item_id] = name
+    for lineno, line in _lines(path):
+        line = line.rstrip("\n").rstrip("\r")
+        if not line.strip():
+            continue
+        if "::" not in line:
+            raise DataError(f"{path}:{lineno}: expected `id::name`, got {line[:60]!r}")
+        raw_id, name = line.split("::", 1)
+        try:
+            item_id = int(raw_id)
+        except ValueError:
+            raise DataError(f"{path}:{lineno}: item id {raw_id[:30]!r} is not an integer") from None
+        if item_id in names:
+            raise DataError(f"{path}:{lineno}: duplicate item id {item_id}")
+        if not name.strip():
+            raise DataError(f"{path}:{lineno}: empty name for item id {item_id}")
+        names[item_id] = name
     if not names:
-        raise DataError(f"{path}: no items")
+        raise _empty(path, "`id::name` lines")
     n = len(names)
     if sorted(names) != list(range(n)):
         missing = next(i for i in range(n) if i not in names)
@@ -135,17 +158,22 @@ def split_records(catalog: ItemCatalog, split: str):
     if split not in SPLITS:
         raise DataError(f"--split {split!r}: choose one of {', '.join(SPLITS)}")
     path = catalog.path / f"{split}.jsonl"
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                seq, len_seq, nxt = obj["seq"], int(obj["len_seq"]), int(obj["next"])
-                seq = [int(x) for x in seq]
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                raise DataError(f"{path}:{lineno}: malformed row ({type(e).__name__}: {e})") from None
-            yield lineno, seq, len_seq, nxt
+    rows = 0
+    for lineno, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            seq, len_seq, nxt = obj["seq"], int(obj["len_seq"]), int(obj["next"])
+            seq = [int(x) for x in seq]
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            cut = "" if line.endswith("\n") else ("; the file's last line is cut short (no newline at its end): a "
+                                                  "truncated copy? copy the file again")
+            raise DataError(f"{path}:{lineno}: malformed row ({type(e).__name__}: {e}){cut}") from None
+        rows += 1
+        yield lineno, seq, len_seq, nxt
+    if not rows:
+        raise _empty(path, "rows")
 
 
 def load_split(catalog: ItemCatalog, split: str) -> list[Row]:
@@ -187,8 +215,8 @@ def data_fingerprint(catalog: ItemCatalog) -> str:
     keys the caches of models built or trained from a dataset."""
     sha = hashlib.sha256()
     for name in ("id2name.txt", "train.jsonl"):
-        with _open_text(catalog.path / name) as f:
-            sha.update(f.read().encode("utf-8"))
+        for _, line in _lines(catalog.path / name):  # the same bytes as the whole text's
+            sha.update(line.encode("utf-8"))
     return sha.hexdigest()[:16]
 
 
@@ -356,7 +384,7 @@ def preference_rows(catalog, split="train", protocol="clean", num_negatives=3, s
     """Preference rows: prompt, chosen (target title), rejected (K titles drawn, seeded, from the row's 19
     non-target candidates) and the item ids later stages need (history, target, negatives)."""
     check_protocol(protocol)
-    check_options({"num_negatives": num_negatives})  # K's one rule: cli.RULES
+    cli.check_options({"num_negatives": num_negatives})  # K's one rule: cli.RULES
     rows = _select(load_split(catalog, split), max_samples)
     out = []
     for epoch in range(epochs):
@@ -377,20 +405,6 @@ def preference_rows(catalog, split="train", protocol="clean", num_negatives=3, s
 # Export (S-DPO JSON) and atomic writes
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write the whole file or nothing: write a temporary sibling, then rename over the target."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def sdpo_json_records(catalog, split, protocol="sdpo", seed=0, max_samples=None) -> list[dict]:
     rows = _select(load_split(catalog, split), max_samples)
     recs = []
@@ -405,18 +419,35 @@ def sdpo_json_records(catalog, split, protocol="sdpo", seed=0, max_samples=None)
 
 
 def export(dataset="lastfm", split="test", protocol="sdpo", output=None, seed=0, max_samples=None):
-    """Write the S-DPO style JSON of a split (json.dump, indent=4, as published)."""
+    """Write the S-DPO style JSON of a split (json.dump, indent=4, as published).
+
+    Args:
+        dataset: a dataset name under data/ or a dataset folder.
+        split: train, val or test.
+        protocol: the candidate protocol: sdpo (the published files, byte for byte) or clean.
+        output: the JSON file to write (required).
+        seed: seeds the clean candidates.
+        max_samples: the first N rows (None: all).
+    """
     check_protocol(protocol)
     if output is None:
         raise DataError("--output is required")
     catalog = load_catalog(dataset)
     recs = sdpo_json_records(catalog, split, protocol, seed, max_samples)
-    atomic_write_text(output, json.dumps(recs, indent=4))
+    cache.atomic_write_text(output, json.dumps(recs, indent=4))
     print(f"wrote {len(recs)} rows ({protocol} protocol, {split}) to {output}")
 
 
 def heuristic(dataset="lastfm", split="test", protocol="sdpo", seed=0, max_samples=None):
-    """Print the HR@1 of the seeded-candidate attack under a protocol."""
+    """Print the HR@1 of the seeded-candidate heuristic (no learning) under a protocol: 1.000 under sdpo.
+
+    Args:
+        dataset: a dataset name under data/ or a dataset folder.
+        split: train, val or test.
+        protocol: the candidate protocol: sdpo or clean.
+        seed: seeds the clean candidates.
+        max_samples: the first N rows (None: all).
+    """
     catalog = load_catalog(dataset)
     rows = _select(load_split(catalog, split), max_samples)
     hr = seeded_candidate_heuristic(catalog, rows, split_candidates(catalog, rows, split, protocol, seed))

@@ -8,60 +8,43 @@ SFT adapter and keeps training it; the reference is the frozen SFT model (TRL co
 from __future__ import annotations
 
 import cli
-import modeling  # sets the offline environment first
 import data_interface as di
+import modeling  # sets the offline environment first
+import stage
+
+OPTIONS = [cli.Opt("beta", 1.0, float, "beta of DPO's sigmoid loss -log sigmoid(beta * (ratio(p) - ratio(d)))")]
 
 
 def build_trainer(model, tokenizer, info, rows, beta=1.0, callbacks=None, **options):
     """This stage's trainer, as main() runs it and benchmark.py times it: TRL's DPOTrainer with its sigmoid loss
     on preference rows (each row's first rejected answer) and, as reference, TRL's frozen copy of the policy's
-    adapter; the TrainerCallbacks `callbacks`. `options`: the keywords of modeling.training_args."""
+    adapter; the TrainerCallbacks `callbacks`. `options`: the keywords of stage.training_args."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
     train = Dataset.from_dict({"prompt": [r["prompt"] for r in rows], "chosen": [r["chosen"] for r in rows],
                                "rejected": [r["rejected"][0] for r in rows]})
-    args = DPOConfig(beta=beta, loss_type="sigmoid", **modeling.training_args(info, **options))
+    args = DPOConfig(beta=beta, loss_type="sigmoid", **stage.training_args(info, **options))
     return DPOTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer, callbacks=callbacks)
 
 
-@cli.validated
-def main(
-    base_model: str = "tiny",
-    dataset: str = "lastfm",
-    start_adapter: str = None,           # the SFT adapter to start from (e.g. output/sft/final_checkpoint)
-    resume_from_checkpoint: str = None,  # a checkpoint-N of an interrupted run of this stage to continue (True: the latest)
-    output_dir: str = "output/dpo",
-    protocol: str = "clean",
-    batch_size: int = 8,
-    gradient_accumulation_steps: int = 1,
-    learning_rate: float = 1e-4,         # the NAPO authors' 7B scripts use 1e-5
-    num_train_epochs: int = 1,
-    beta: float = 1.0,
-    cutoff_len: int = 512,
-    max_train_samples: int = -1,
-    seed: int = 0,
-    report_to: str = "none",
-    warmup_ratio: float = 0.05,
-    lr_scheduler_type: str = "cosine",
-    max_grad_norm: float = 0.3,
-    logging_steps: int = 10,
-    save_steps: int = 0,
-    quantize: str = "auto",
-):
+@cli.entry(stage.TRAINING, OPTIONS, output_dir="output/dpo", batch_size=8)
+def main(o):
+    """Stage 2a — DPO (TRL's DPOTrainer, 1 negative) from the SFT adapter; writes OUTPUT_DIR/final_checkpoint."""
     from transformers import set_seed
 
-    start, ckpt = modeling.resolve_start(start_adapter, resume_from_checkpoint, output_dir)
-    catalog = di.load_catalog(dataset)
-    rows = di.preference_rows(catalog, "train", protocol, 1, seed, num_train_epochs, max_train_samples)
-    modeling.check_start(base_model, dataset, start, ckpt)  # the SFT adapter was trained on this base model
-    flags = modeling.training_flags(locals())
-    set_seed(seed)
-    model, tokenizer, info = modeling.load_policy(base_model, dataset, start, quantize)
-    trainer = build_trainer(model, tokenizer, info, rows, beta, callbacks=[modeling.base_record_callback(info)], **flags)
-    modeling.run_stage(trainer, tokenizer, output_dir, start, ckpt, {
-        "stage": "dpo", "protocol": protocol, "dataset": catalog.name, "model": info, "beta": beta,
-        "start_adapter": str(start), "train_rows": len(rows), "epochs": num_train_epochs, "seed": seed})
+    start, ckpt = stage.resolve_start(o.start_adapter, o.resume_from_checkpoint, o.output_dir)
+    catalog = di.load_catalog(o.dataset)
+    rows = di.preference_rows(catalog, "train", o.protocol, 1, o.seed, o.num_train_epochs, o.max_train_samples)
+    stage.check_start(o.base_model, o.dataset, start, ckpt)  # the SFT adapter was trained on this base model
+    set_seed(o.seed)
+    model, tokenizer, info = modeling.load_policy(o.base_model, o.dataset, start, o.quantize)
+    trainer = build_trainer(model, tokenizer, info, rows, o.beta, callbacks=[stage.base_record_callback(info)],
+                            **stage.training_flags(vars(o)))
+    stage.run_stage(trainer, tokenizer, o.output_dir, start, ckpt, {
+        "stage": "dpo", "protocol": o.protocol, "dataset": catalog.name, "model": info, "beta": o.beta,
+        "start_adapter": str(start), "train_rows": len(rows), "epochs": o.num_train_epochs, "seed": o.seed})
+
 
 if __name__ == "__main__":
     cli.run(main)

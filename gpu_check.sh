@@ -10,7 +10,7 @@
 # Environment overrides: PYTHON (python3), NAPO_GPU_WHEELS (gpu_wheels), NAPO_GPU_SITE (/tmp/napo_gpu_site)
 set -euo pipefail
 cd "$(dirname "$0")"
-export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1  # the offline environment: cache.py
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PYTHON="${PYTHON:-python3}"
 WHEELS="${NAPO_GPU_WHEELS:-gpu_wheels}"

@@ -19,12 +19,15 @@ import sys
 import time
 from pathlib import Path
 
+import cache
 import cli
-import modeling  # sets the offline environment first
 import data_interface as di
 import metrics as M
+import modeling  # sets the offline environment first
 import report
 import scoring
+import stage
+import tokens
 
 
 def dist_info():
@@ -82,46 +85,51 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens, tries=None):
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
                              max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
                              num_beams=1, **kwargs)
-    return [t.strip() for t in modeling.decode_many(tokenizer, [o[width:] for o in out])]
+    return [t.strip() for t in tokens.decode_many(tokenizer, [o[width:] for o in out])]
 
 
-@cli.validated(resume_from_checkpoint=cli.Rule(check=cli.existing_folder))  # an adapter folder, not True
-def main(
-    base_model: str = "tiny",              # 'tiny', 'smollm2-135m', or a local HF model folder
-    dataset: str = "lastfm",
-    adapter: str = None,                   # LoRA adapter folder to evaluate (None = the base model)
-    output_dir: str = "output/inference",
-    protocol: str = "clean",               # 'clean' (default) or 'sdpo' (published candidates; they leak)
-    split: str = "test",
-    max_test_samples: int = -1,            # first N rows (-1 = all)
-    batch_size: int = 16,
-    seed: int = 0,                         # seeds the `clean` candidates and the prompt templates
-    generative: bool = True,               # run unconstrained greedy decoding
-    constrained: bool = True,              # run candidate-constrained greedy decoding
-    ranking: bool = True,                  # score the 20 candidates
-    scoring_mode: str = "shared",          # 'shared' (prompt encoded once) or 'naive' (prompt per answer)
-    max_new_tokens: int = 20,
-    quantize: str = "auto",
-    merge_adapter: bool = True,            # fold the adapter into the weights (W + BA, once) unless 4-bit
-    progress: bool = True,
-    resume_from_checkpoint: str = None,    # deprecated: the old name of --adapter
-):
+OPTIONS = [
+    cli.Opt("adapter", None, str, "the LoRA adapter folder to evaluate (None: the base model alone)"),
+    cli.Opt("split", "test", str, "the split to evaluate: test (default), val or train"),
+    cli.Opt("max_test_samples", -1, int, "the first N rows (-1: all 2,495 test rows of LastFM)"),
+    cli.Opt("batch_size", 16, int, "rows per forward"),
+    cli.Opt("generative", True, bool, "run free greedy decoding (ValidRatio, HR@1)"),
+    cli.Opt("constrained", True, bool, "run greedy decoding that may only spell a candidate"),
+    cli.Opt("ranking", True, bool, "score the 20 candidates by their summed answer log-probs (HR@K, NDCG, MRR)"),
+    cli.Opt("scoring_mode", "shared", str, "shared (each prompt encoded once) or naive (one prompt+answer row each)"),
+    cli.Opt("max_new_tokens", 20, int, "decoding budget"),
+    cli.Opt("merge_adapter", True, bool, "fold the adapter into the weights once (W + BA) unless 4-bit"),
+    cli.Opt("progress", True, bool, "show a progress bar"),
+    cli.Opt("resume_from_checkpoint", None, str, "deprecated: the old name of --adapter",
+            rule=cli.Rule(check=cli.existing_folder)),
+]
+
+
+@cli.entry(stage.COMMON, OPTIONS, output_dir="output/inference")
+def main(o):
+    """Evaluate a base model (+ a LoRA adapter) on the 20-candidate rows; writes OUTPUT_DIR/metrics.json and
+    predictions.jsonl."""
     import torch
     from tqdm import tqdm
 
-    adapter = cli.renamed(adapter, resume_from_checkpoint, "--resume_from_checkpoint", "--adapter")
-    # every input is checked before a model is loaded: options (cli.validated), the rows, the base model
+    adapter = cli.renamed(o.adapter, o.resume_from_checkpoint, "--resume_from_checkpoint", "--adapter")
+    protocol, split, batch_size = o.protocol, o.split, o.batch_size
+    # every input is checked before a model is loaded: options (cli.entry), the rows, the base model
     # folder and the adapter, trained on that very base model (its recorded fingerprint)
-    catalog = di.load_catalog(dataset)
-    rows = di.eval_rows(catalog, split, protocol, seed, max_test_samples)
-    base = modeling.resolve_base_model(base_model, dataset)
+    catalog = di.load_catalog(o.dataset)
+    rows = di.eval_rows(catalog, split, protocol, o.seed, o.max_test_samples)
+    if adapter:  # its files whole and, by the recorded name, trained on this --base_model: before it is built
+        modeling.check_adapter(adapter, "--adapter")
+        modeling.check_adapter_base_name(adapter, o.base_model, o.dataset)
+    base = modeling.resolve_base_model(o.base_model, o.dataset)
     if adapter:
         modeling.check_adapter(adapter, "--adapter", base=base)
     rank, world = dist_info()
-    model, tokenizer, info = modeling.load_base_model(base_model, dataset, quantize=quantize, for_training=False)
+    model, tokenizer, info = modeling.load_base_model(o.base_model, o.dataset, quantize=o.quantize, for_training=False)
     if adapter:
+        modeling.check_adapter_precision(adapter, info)  # trained in 4-bit, evaluated unquantized (or the reverse)
         model = modeling.load_adapter(model, adapter, trainable=False)
-        if merge_adapter and not info.get("quantized_4bit"):
+        if o.merge_adapter and not info.get("quantized_4bit"):
             model = model.merge_and_unload()  # the same function, without LoRA's extra matmuls in every forward
     model.eval()
     # Shard whole batches, not rows: batch j (rows j*batch_size ...) goes to process j % world. Every batch then
@@ -130,27 +138,27 @@ def main(
     batches = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)][rank::world]
     preds = []
     t0 = time.time()
-    bar = tqdm(total=sum(map(len, batches)), desc=f"eval[{protocol}]", disable=not progress or rank != 0,
+    bar = tqdm(total=sum(map(len, batches)), desc=f"eval[{protocol}]", disable=not o.progress or rank != 0,
                file=sys.stdout)
     for batch in batches:
-        enc = [modeling.encode_prompt_answers(tokenizer, r["prompt"],
+        enc = [tokens.encode_prompt_answers(tokenizer, r["prompt"],
                                               [di.answer_text(catalog, c) for c in r["candidate_ids"]])
                for r in batch]
         prompt_ids = [p for p, _ in enc]
         recs = [{"index": r["index"], "target_id": r["target_id"], "candidate_ids": r["candidate_ids"]}
                 for r in batch]
-        if ranking:
+        if o.ranking:
             with torch.no_grad():
-                s = scoring.answer_logps(model, prompt_ids, [a for _, a in enc], shared=scoring_mode == "shared",
+                s = scoring.answer_logps(model, prompt_ids, [a for _, a in enc], shared=o.scoring_mode == "shared",
                                          pad_token_id=tokenizer.pad_token_id)
             for rec, sc in zip(recs, s.float().cpu().tolist()):
                 rec["scores"] = sc
-        if generative:
-            for rec, out in zip(recs, generate(model, tokenizer, prompt_ids, max_new_tokens)):
+        if o.generative:
+            for rec, out in zip(recs, generate(model, tokenizer, prompt_ids, o.max_new_tokens)):
                 rec["generated"] = out
-        if constrained:
+        if o.constrained:
             tries = [CandidateTrie(a) for _, a in enc]
-            for rec, out in zip(recs, generate(model, tokenizer, prompt_ids, max_new_tokens, tries)):
+            for rec, out in zip(recs, generate(model, tokenizer, prompt_ids, o.max_new_tokens, tries)):
                 rec["constrained"] = out
         preds.extend(recs)
         bar.update(len(batch))
@@ -169,17 +177,17 @@ def main(
     if rank != 0:
         return None
     result = summarise(catalog, preds, protocol, split)
-    result.update({"model": info, "adapter": adapter, "scoring_mode": scoring_mode,
-                   "adapter_merged": bool(adapter and merge_adapter and not info.get("quantized_4bit")),
+    result.update({"model": info, "adapter": adapter, "scoring_mode": o.scoring_mode,
+                   "adapter_merged": bool(adapter and o.merge_adapter and not info.get("quantized_4bit")),
                    "seconds": round(elapsed, 1), "processes": world})
-    out = Path(output_dir)
+    out = Path(o.output_dir)
     # each file whole or absent; metrics.json (the "done" mark) goes first and comes back last, so a run killed
     # in between never leaves an older metrics.json beside newer predictions
     (out / "metrics.json").unlink(missing_ok=True)
-    modeling.clear_stale_tmp(out)
-    di.atomic_write_text(out / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in preds))
-    di.atomic_write_text(out / "metrics.json", json.dumps(result, indent=2))
-    print(metrics_table([(adapter or base_model, result)]))
+    cache.clear_stale_tmp(out)
+    cache.atomic_write_text(out / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in preds))
+    cache.atomic_write_text(out / "metrics.json", json.dumps(result, indent=2))
+    print(metrics_table([(adapter or o.base_model, result)]))
     print(f"wrote {out / 'metrics.json'} and predictions.jsonl ({len(preds)} rows, {elapsed:.0f}s)")
     return result
 

@@ -6,7 +6,7 @@
 # Every argument after the script name is forwarded, so `bash sft.sh --max_train_samples 64` works, and a
 # flag given twice takes its last value (the script's defaults come first, yours after).
 NAPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1  # the offline environment: cache.py
 export PYTHONPATH="$NAPO_DIR${PYTHONPATH:+:$PYTHONPATH}"
 PYTHON="${PYTHON:-python3}"
 

@@ -6,26 +6,35 @@ NAPOConfig.needs_sasrec. Imports nothing heavy (no torch), so `--help` and repro
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import cli
+
+MARGIN_MODES = ("user", "batch", "authors", "none")  # NAPOConfig.margin_mode (napo_losses.dynamic_margin)
+cli.add_rules(margin_mode=cli.Rule(choices=MARGIN_MODES))
 
 
 @dataclass
 class NAPOConfig:
     """NAPO options; the defaults are the NAPO authors' (K=3, ρ=0.7, γ0=1, α=0.3, m=0.9, β=1, reference-free)."""
-    num_negatives: int = 3          # K own negatives per example (1..19: cli.RULES)
-    beta: float = 1.0               # the one β: NAPOTrainer copies it into TRL's DPOConfig
-    reference: bool = False         # True: r = β(logπθ − logπref) (S-DPO); False: r = β·logπθ (authors' NAPO)
-    share_negatives: bool = True    # in-batch negative sharing
-    rho: float = 0.7                # share the negatives of the top floor(ρ(B−1)) most similar examples
-    margin_mode: str = "user"       # 'user' (personalised), 'batch' (one per batch, corrected), 'authors'
-                                    # (the authors' code as it is: napo_trainer.authors_objective), 'none'
-    gamma0: float = 1.0
-    alpha: float = 0.3
-    momentum: float = 0.9           # EMA momentum m of the running mean M̄
-    clamp_margin: bool = True       # clamp γ at 0
-    shared_scoring: bool = True     # encode each prompt once (False: naive prompt+answer concatenation)
+    num_negatives: int = field(default=3, metadata={"help": "K, the row's own negatives (1..19), drawn from its 19 "
+                                                             "non-target candidates"})
+    beta: float = field(default=1.0, metadata={"help": "beta, the reward scale r = beta * log-prob (ratio)"})
+    reference: bool = field(default=False, metadata={"help": "True: rewards against the frozen SFT model (S-DPO); "
+                                                             "False: reference-free (the NAPO authors')"})
+    share_negatives: bool = field(default=True, metadata={"help": "in-batch negative sharing between similar users "
+                                                                  "(their rewards detached)"})
+    rho: float = field(default=0.7, metadata={"help": "share the negatives of the floor(rho*(B-1)) most similar "
+                                                      "examples of the global batch"})
+    margin_mode: str = field(default="user", metadata={"help": "the margin: user (personalised), batch (one per "
+                                                               "batch), authors (the authors' code as it is), none"})
+    gamma0: float = field(default=1.0, metadata={"help": "gamma0, the margin's base value"})
+    alpha: float = field(default=0.3, metadata={"help": "alpha, how much the SASRec score moves the margin "
+                                                        "(0: a fixed margin gamma0)"})
+    momentum: float = field(default=0.9, metadata={"help": "momentum m of the running mean of the SASRec scores"})
+    clamp_margin: bool = field(default=True, metadata={"help": "clamp the margin at 0"})
+    shared_scoring: bool = field(default=True, metadata={"help": "encode each prompt once for its 1+K answers "
+                                                                 "(False: one prompt+answer row each, for checks)"})
 
     @classmethod
     def from_options(cls, options: dict) -> "NAPOConfig":

@@ -1,8 +1,8 @@
 """Pure loss functions of NAPO and the methods it builds on (DPO, S-DPO).
 
 Everything here is a small function on tensors (torch only, no transformers / torch.distributed), so the
-trainer can call it and the tests can check it with hand-made tensors. Notation as in the README's "The
-method": per example u, positive item p, negatives N_u, reward r(e), margin gamma_u.
+trainer can call it and the tests can check it with hand-made tensors. Notation as in docs/method.md:
+per example u, positive item p, negatives N_u, reward r(e), margin gamma_u.
 
 Conventions
 - Batch dimension first. Negatives are laid out as (B, M) with a boolean ``mask`` (True = this entry is a
@@ -24,7 +24,7 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from cli import NapoError
+from errors import NAPOLossError
 
 __all__ = [
     "NAPOLossError",
@@ -45,11 +45,7 @@ __all__ = [
 
 # user: personalised margin (default); batch: one margin per batch, with this project's corrections;
 # authors: the NAPO authors' code as it is (see napo_trainer.authors_objective); none: no margin
-MARGIN_MODES = ("user", "batch", "authors", "none")
-
-
-class NAPOLossError(NapoError):
-    """Bad input to a function of napo_losses.py."""
+from napo_config import MARGIN_MODES  # noqa: E402  (the one list of margin modes)
 
 
 # ----------------------------------------------------------------------------------------------------------

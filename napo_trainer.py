@@ -27,9 +27,10 @@ import torch
 import torch.distributed as dist
 from trl import DPOTrainer
 
+import cache
 import data_interface as di
-import modeling
 import scoring
+import tokens
 from napo_config import NAPOConfig  # its one home is napo_config.py (importable from here too)
 from napo_losses import (  # noqa: F401  (re-exported: the loss family is importable from here too)
     MARGIN_MODES, authors_pool, build_negative_pool, dpo_loss, dynamic_margin, item_scores, napo_loss, num_shared,
@@ -222,7 +223,7 @@ class NAPOTrainer(DPOTrainer):
         K, max_len = self.napo.num_negatives, args.max_length
 
         def tokenize(example, row_id):
-            prompt_ids, ans = modeling.encode_prompt_answers(processing_class, example["prompt"],
+            prompt_ids, ans = tokens.encode_prompt_answers(processing_class, example["prompt"],
                                                              [example["chosen"]] + list(example["rejected"]))
             if max_len is not None and len(prompt_ids) + max(map(len, ans)) > max_len:
                 raise di.DataError(f"{dataset_name} row: prompt+answer is {len(prompt_ids) + max(map(len, ans))} "
@@ -333,7 +334,7 @@ class NAPOTrainer(DPOTrainer):
         super()._save_checkpoint(model, trial)
         if self.is_world_process_zero():
             ckpt = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
-            di.atomic_write_text(ckpt / "napo_state.json",
+            cache.atomic_write_text(ckpt / "napo_state.json",
                                  json.dumps({"M_bar": self.M_bar, "napo": asdict(self.napo)}))
 
     def train(self, resume_from_checkpoint=None, **kwargs):

@@ -1,5 +1,5 @@
 """Reporting: from the numbers the runs wrote (a summary dict, as in results/summary.json) to statistics,
-per-claim verdicts, markdown tables, the README's results section and the list of result figures.
+per-claim verdicts, markdown tables, the results page (docs/results.md) and the list of result figures.
 
 It runs nothing: reproduce.py plans and runs the stages and collects their outputs into the summary, then
 calls these functions; plots.py draws the figures of FIGURES with the same metric getter (`metric`) and the
@@ -13,7 +13,7 @@ import math
 import os
 from pathlib import Path
 
-REPO_DIR = Path(__file__).resolve().parent
+from cache import REPO_DIR  # noqa: E402
 Z95 = 1.96
 PRIMARY = ("ranking", "hr@1")  # the metric of the claims: ranking HR@1 (deterministic; every row is valid)
 # Series of the sweeps (plots and claim (a)), in increasing order of the swept value.
@@ -25,13 +25,15 @@ SWEEPS = {
               "NAPO, batch margin": ["napo_fixed_margin", "napo_batch_margin", "napo_batch_alpha1",
                                      "napo_batch_alpha3"]},
 }
-FIGURES = {  # file name -> (plots.py function, caption); plots.draw_results draws them, the README links them
+FIGURES = {  # file name -> (plots.py function, caption); plots.draw_results draws them, the results page links them
     "results_hr1_by_method.png": ("plot_hr1_by_method", "Ranking HR@1 per method under both candidate protocols"),
     "results_hr1_vs_negatives.png": ("plot_hr1_vs_negatives",
                                      "HR@1 against the number of (equivalent) negatives: S-DPO vs NAPO"),
     "results_popularity.png": ("plot_popularity", "Popularity percentile of the top-1 recommendation vs the targets"),
     "results_training_curves.png": ("plot_training_curves", "Preference training: loss, reward accuracy, margin"),
     "results_gamma.png": ("plot_gamma_spread", "The margin gamma per run: its range and its spread within a batch"),
+    "results_knobs.png": ("plot_knobs", "The knob study: each knob's paired ranking HR@1 difference against SFT "
+                                        "continued (95% CI)"),
 }
 
 # ==================================================================================================
@@ -456,7 +458,7 @@ def results_table(summary) -> str:
         ["eq. negatives", "train time"]
     rows = []
     for m, e in summary["methods"].items():
-        if not e["eval"]:
+        if not e["eval"] or e.get("group") == "knobs":  # the knob study has its own table (knob_table)
             continue
         cells = [f"{e['label']} (`{m}`)", e["trained_on"] or ""]
         n_seeds = get(e, "eval", "clean", "n_seeds")
@@ -552,6 +554,112 @@ def variants_table(summary, protocol="clean") -> str | None:
             "every seed both ran (their HR@1 here is on those rows, so it can differ from the table above); CIs "
             f"unadjusted for the {len(rows)} comparisons, so about {len(rows) * 0.05:.1f} of them would fall "
             "outside their CI by chance alone.")
+
+
+# ==================================================================================================
+# The knob study (methods.METHODS' knob_* rows; docs/method.md, "SFT is listwise S-DPO")
+
+KNOB_CONTROL = "knob_sft_cont"  # every knob row is compared with SFT continued on the same rows, steps and rate
+KNOB_PAIRS = [("knob_start", "knob_sft_cont"), ("knob_napo", "knob_k3"), ("knob_napo", "knob_sdpo_ref"),
+              ("knob_k3", "knob_sdpo_ref"), ("knob_share", "knob_start"), ("knob_napo", "knob_start")]
+
+
+def knob_rows(summary) -> list[str]:
+    return [m for m, e in summary["methods"].items() if e.get("group") == "knobs"]
+
+
+def knob_effects(summary, protocol="clean") -> dict:
+    """{knob row: its paired differences against SFT continued, pooled over seeds and rows: 'hit' (ranking HR@1),
+    'gen_hit' (generative HR@1) and 'valid' (ValidRatio)}, for every knob row evaluated with the control."""
+    runs = runs_of(summary)
+    out = {}
+    for m in knob_rows(summary):
+        if m == KNOB_CONTROL:
+            continue
+        effects = {w: paired(runs, m, KNOB_CONTROL, what=w, protocol=protocol) for w in ("hit", "gen_hit", "valid")}
+        if effects["hit"] is not None:
+            out[m] = effects
+    return out
+
+
+def _mean_sd(summary, m, *path, digits=4) -> str:
+    """A method's metric under `clean`: the mean over its seeds ± their standard deviation (one seed: the value)."""
+    e = summary["methods"].get(m, {})
+    v, sd = metric(summary, m, "clean", *path), get(e, "eval_std", "clean", *path)
+    several = get(e, "eval", "clean", "n_seeds") not in (None, 1)
+    return cell(v, digits) + (f" ± {cell(sd, digits)}" if sd is not None and several else "")
+
+
+def knob_table(summary) -> str | None:
+    """One row per knob: its ranking HR@1, generative HR@1, ValidRatio and P(candidates) (mean ± sd over seeds),
+    the paired ranking HR@1 and ValidRatio differences against SFT continued (95% CI, the smallest detectable
+    difference) and the verdict; the SFT adapter they all start from and SFT continued first. None without runs."""
+    effects = knob_effects(summary)
+    if not effects:
+        return None
+    k = len(effects)
+    z_family = _bonferroni_z(k)
+    head = ["row", "seeds", "rank HR@1", "gen HR@1", "ValidRatio", "P(cands)", "Δ rank HR@1 vs SFT cont. ± 95% CI",
+            "detectable", "verdict", f"verdict, {k} comparisons", "Δ ValidRatio ± 95% CI"]
+    rows = []
+    for m in ["sft", KNOB_CONTROL] + list(effects):
+        e = summary["methods"].get(m)
+        if e is None or not e["eval"].get("clean"):
+            continue
+        eff = effects.get(m, {})
+        p = eff.get("hit")
+        v = eff.get("valid")
+        rows.append([f"{e['label']} (`{m}`)", cell(get(e, "eval", "clean", "n_seeds")),
+                     _mean_sd(summary, m, "ranking", "hr@1"), _mean_sd(summary, m, "generative", "hr@1"),
+                     _mean_sd(summary, m, "generative", "valid_ratio"), _mean_sd(summary, m, "candidate_mass", "mean"),
+                     _diff_cell(p) if p else "", f"{p['mde']:.4f}" if p else "",
+                     verdict_of(p) if p else "", verdict_of(p, z=z_family) if p else "",
+                     _diff_cell(v) if v else ""])
+    return (markdown_table(head, rows) +
+            f"\n\nEvery knob row trains on the same preference rows with the same batch, steps and learning rate "
+            f"as SFT continued (`{KNOB_CONTROL}`), from the same SFT adapter, and is compared with it row by row on "
+            f"the `clean` test rows of every seed both ran (pooled); verdict: better (supported) / worse (refuted) "
+            f"/ neither beyond the CI (inconclusive), at 95% each and with a Bonferroni correction for the {k} "
+            "comparisons. P(cands) = the mean over rows of the probability the model puts on the 20 candidates "
+            "(metrics.candidate_mass).")
+
+
+def knob_pairs_table(summary) -> str | None:
+    """The knob study's head-to-head pairs (KNOB_PAIRS): NAPO against S-DPO at NAPO's own beta and reference and
+    at S-DPO's published reference, sharing against none, and the identity point against SFT continued."""
+    runs, rows = runs_of(summary), []
+    for a, b in KNOB_PAIRS:
+        p = paired(runs, a, b)
+        if p is None:
+            continue
+        la, lb = summary["methods"][a]["label"], summary["methods"][b]["label"]
+        rows.append([f"{la} (`{a}`)", f"{lb} (`{b}`)", str(p["n_seeds"]), _diff_cell(p), f"{p['mde']:.4f}",
+                     verdict_of(p)])
+    if not rows:
+        return None
+    return markdown_table(["a", "b", "seeds", "rank HR@1: a − b ± 95% CI", "detectable", "a better than b"], rows)
+
+
+def knob_seconds(summary) -> float | None:
+    """The knob study's wall time: every knob row's stages, summed over the seeds."""
+    secs = [v["seconds"] for m in knob_rows(summary) for v in summary["methods"][m]["stages"].values()
+            if v.get("seconds")]
+    return sum(secs) if secs else None
+
+
+def knob_section(summary, heading: str, source: str) -> str | None:
+    """The knob study of one run (its summary): the settings line, the table, the head-to-head pairs, the time."""
+    table = knob_table(summary)
+    if table is None:
+        return None
+    parts = [f"## {heading}", f"_From `{source}`._", _settings_line(summary), table]
+    pairs = knob_pairs_table(summary)
+    if pairs:
+        parts += ["Head to head (same rows, steps and learning rate):", pairs]
+    secs = knob_seconds(summary)
+    if secs:
+        parts.append(f"Wall time of the knob rows' stages (training and evaluation, all seeds): {_secs(secs)}.")
+    return "\n\n".join(parts)
 
 
 def gamma_table(summary) -> str | None:
@@ -716,7 +824,10 @@ def _settings_line(summary) -> str:
 def _settings_and_missing(summary, methods) -> str:
     """The settings line, then the methods of `methods` (the whole table) without both evaluations (not run,
     still running, or failed)."""
-    missing = [m for m in methods if set(summary["protocols"]) - set(summary["methods"].get(m, {}).get("eval", {}))]
+    import methods as MT
+
+    missing = [m for m in methods if set(MT.METHODS.get(m, {}).get("protocols", summary["protocols"]))
+               - set(summary["methods"].get(m, {}).get("eval", {}))]
     return _settings_line(summary) + (
         "\n\n**Not evaluated yet** (not selected, not finished or failed; rerun `bash reproduce.sh` to continue): "
         + ", ".join(f"`{m}`" for m in missing) + "." if missing else "")
@@ -742,16 +853,13 @@ def results_markdown(summary, methods) -> str:
 
 
 # ==================================================================================================
-# README
-
-
-START, END = "<!-- results:start -->", "<!-- results:end -->"
+# The results page (docs/results.md: reproduce.results_page)
 
 
 def readme_section(summary, methods, commands_md: str, assets_dir: Path, readme_dir: Path,
                    source: str = "results/summary.json") -> str:
-    """The README's results section: tables, the figures found in assets_dir (linked relative to readme_dir),
-    per-claim verdicts, the leak, `commands_md` (reproduce.commands_table) and the wall times."""
+    """The method comparison of the results page: tables, the figures found in assets_dir (linked relative to
+    readme_dir), per-claim verdicts, the leak, `commands_md` (reproduce.commands_table) and the wall times."""
     parts = [_settings_and_missing(summary, methods), "### Method comparison\n\n" + results_table(summary)]
     if main_metrics_table(summary):
         parts.append("### Main methods: ranking and generation, both protocols\n\n" + main_metrics_table(summary))
@@ -759,7 +867,7 @@ def readme_section(summary, methods, commands_md: str, assets_dir: Path, readme_
         parts.append("### Main methods: paired differences in free generation\n\n" + generative_table(summary))
     figs = []
     for name, (_, caption) in FIGURES.items():
-        if (Path(assets_dir) / name).exists():
+        if name != "results_knobs.png" and (Path(assets_dir) / name).exists():  # the knob study shows its own
             rel = os.path.relpath(Path(assets_dir) / name, readme_dir)
             figs.append(f"![{caption}]({rel})")
     if figs:
@@ -770,7 +878,7 @@ def readme_section(summary, methods, commands_md: str, assets_dir: Path, readme_
     if gamma_table(summary):
         parts.append("### The margin gamma per run\n\n" + gamma_table(summary))
     parts += ["### The `sdpo` candidate protocol leaks the answer\n\n" + leak_text(summary),
-              "### Method → command\n\nEvery row comes from `METHODS` in `reproduce.py`; `bash reproduce.sh` runs "
+              "### Method → command\n\nEvery row comes from `METHODS` in `methods.py`; `bash reproduce.sh` runs "
               "them all.\n\n" + commands_md,
               "### Wall time per stage\n\n" + time_table(summary)]
     return f"_Generated by `python reproduce.py readme` from `{source}`; do not edit by hand._\n\n" + \
@@ -786,12 +894,3 @@ def extra_run_section(summary, heading: str, command: str, source: str) -> str:
         parts.append(f"- **{c['claim']}: {c['verdict']}.** {c['evidence']}.")
     parts.append(time_table(summary))
     return "\n\n".join(parts)
-
-
-def replace_section(text: str, section: str) -> str | None:
-    """`text` with what stands between the results markers replaced by `section`; None without the markers."""
-    if not (START in text and END in text and text.index(START) < text.index(END)):
-        return None
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{START}\n{section}\n{END}{tail}"

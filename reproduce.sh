@@ -10,6 +10,6 @@
 # slower under contention (export OMP_NUM_THREADS=2 on an idle machine).
 set -euo pipefail
 cd "$(dirname "$0")"
-export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1  # the offline environment: cache.py
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 exec "${PYTHON:-python3}" reproduce.py run "$@"

@@ -20,8 +20,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,17 +29,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+import cache
 import data_interface as di
 import metrics
-from cli import NapoError
+from errors import SASRecError
 
-REPO_DIR = Path(__file__).resolve().parent
 WEIGHTS_FILE = "sasrec.safetensors"
 CONFIG_FILE = "sasrec_config.json"
-
-
-class SASRecError(NapoError):
-    """Bad checkpoint or option; the message is one line naming the file or flag."""
 
 
 @dataclass
@@ -187,7 +181,7 @@ def save_sasrec(model: SASRec, output_dir, info: dict) -> None:
     tmp.chmod(0o644)
     os.replace(tmp, out / WEIGHTS_FILE)
     config = {"model": asdict(model.cfg), **info, "weights_sha256": digest}
-    di.atomic_write_text(out / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+    cache.atomic_write_text(out / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
 
 
 def check_items(n_items: int, catalog: di.ItemCatalog | None, checkpoint) -> None:
@@ -204,15 +198,37 @@ def load_sasrec(path_or_dir, catalog: di.ItemCatalog | None = None, device="cpu"
     cfg_path, w_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
     if not cfg_path.exists() or not w_path.exists():
         raise SASRecError(f"{folder}: not a SASRec checkpoint (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+    why = checkpoint_problem(folder)
+    if why:
+        raise SASRecError(f"SASRec checkpoint {folder}: {why}: a damaged checkpoint (an interrupted copy or a full "
+                          "disk?); copy it again, or retrain it: python sasrec.py train --dataset "
+                          f"{catalog.path if catalog is not None else 'DATASET'} --output_dir {folder}")
     config = json.loads(cfg_path.read_text())
     cfg = SASRecConfig(**config["model"])
     check_items(cfg.n_items, catalog, folder)
-    if config.get("weights_sha256") and _sha256_file(w_path) != config["weights_sha256"]:
-        raise SASRecError(f"{w_path}: weights do not match {CONFIG_FILE} (an interrupted write?)")
     model = SASRec(cfg)
     model.load_state_dict(load_file(str(w_path)))
     model.info = config
     return model.to(device).eval().requires_grad_(False)
+
+
+def checkpoint_problem(folder) -> str | None:
+    """What is wrong with a SASRec folder's files, without building the model (None: sound): sasrec_config.json
+    a JSON object whose `model` is a SASRecConfig, sasrec.safetensors whole (its header and size) and the weights
+    the config's weights_sha256 names."""
+    folder = Path(folder)
+    config, why = cache.read_json(folder / CONFIG_FILE)
+    if why:
+        return f"{folder / CONFIG_FILE} is {why}"
+    try:
+        SASRecConfig(**config["model"])
+    except (KeyError, TypeError):
+        return f"{folder / CONFIG_FILE} has no valid `model` entry"
+    w_path = folder / WEIGHTS_FILE
+    why = cache.safetensors_problem(w_path)
+    if config.get("weights_sha256") and (why or _sha256_file(w_path) != config["weights_sha256"]):
+        return f"{w_path} is {why or 'corrupt'}: its weights do not match {CONFIG_FILE}'s weights_sha256"
+    return f"{w_path} is {why}" if why else None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -321,16 +337,15 @@ def _fit(dataset, epochs, batch_size, lr, seed, device, time_budget_s, max_train
 
 
 def cache_root(cache_dir=None) -> Path:
-    """The given folder, else the project's cache root (modeling.cache_root: $NAPO_CACHE or <repo>/.cache)."""
-    import modeling
-
-    return Path(cache_dir) if cache_dir else modeling.cache_root()
+    """The given folder, else the project's cache root (cache.cache_root: $NAPO_CACHE or <repo>/.cache)."""
+    return Path(cache_dir) if cache_dir else cache.cache_root()
 
 
 def get_or_train_sasrec(dataset="lastfm", cache_dir=None, **train_kwargs) -> SASRec:
     """A frozen SASRec for `dataset`, trained once and cached under <cache root>/sasrec/<name>-<fingerprint>
     (train_kwargs given, other than device/verbose/num_threads, add a hash of them to the folder name).
-    Trained into a temporary sibling folder renamed into place, so a killed run leaves no half checkpoint."""
+    Trained into a temporary sibling folder renamed into place (cache.build_once: across processes, e.g. torchrun
+    ranks, one trains and the others wait and load it), so a killed run leaves no half checkpoint."""
     catalog = di.load_catalog(dataset)
     key = f"{catalog.name}-{di.data_fingerprint(catalog)}"
     train_kwargs.pop("output_dir", None)
@@ -338,19 +353,9 @@ def get_or_train_sasrec(dataset="lastfm", cache_dir=None, **train_kwargs) -> SAS
     if options:
         key += "-" + hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:8]
     final = cache_root(cache_dir) / "sasrec" / key
-    if not (final / CONFIG_FILE).exists():
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp", dir=final.parent))
-        try:
-            train_sasrec(catalog.path, output_dir=tmp, **train_kwargs)
-            tmp.chmod(0o755)  # mkdtemp makes it private
-            try:
-                os.rename(tmp, final)  # atomic; fails if another process finished first
-            except OSError:
-                if not (final / CONFIG_FILE).exists():
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    cache.build_once(final, lambda tmp: train_sasrec(catalog.path, output_dir=tmp, **train_kwargs),
+                     ready=lambda folder: (folder / CONFIG_FILE).exists(), problem=checkpoint_problem,
+                     what="SASRec")  # a damaged cached one is reported in one line and retrained
     return load_sasrec(final, catalog, device=train_kwargs.get("device", "cpu"))
 
 
@@ -384,7 +389,23 @@ def _summary(res: dict) -> str:
 def train(dataset="lastfm", output_dir=None, epochs=30, batch_size=256, lr=2e-3, seed=0, device="cpu",
           time_budget_s=160, max_train_samples=None, dropout=0.5, weight_decay=0.0, patience=5, num_threads=1):
     """Train, save, then evaluate on test under both protocols (metrics_{clean,sdpo}.json).
-    The default time budget (160 s) keeps a run under ~3 minutes; pass --time_budget_s None to lift it."""
+    The default time budget (160 s) keeps a run under ~3 minutes; pass --time_budget_s None to lift it.
+
+    Args:
+        dataset: a dataset name under data/ or a dataset folder.
+        output_dir: the checkpoint folder to write (required).
+        epochs: at most this many epochs.
+        batch_size: training rows per step.
+        lr: AdamW learning rate.
+        seed: seeds the initialisation, the order and the validation candidates.
+        device: cpu or cuda.
+        time_budget_s: stop before an epoch would end after this many seconds (None: no budget).
+        max_train_samples: the first N train rows (None: all).
+        dropout: dropout of the embeddings and the block.
+        weight_decay: AdamW weight decay.
+        patience: stop after this many epochs without a better validation HR@1.
+        num_threads: torch threads while training (1 is fastest for this small model).
+    """
     if output_dir is None:
         raise SASRecError("--output_dir is required")
     model, info = train_sasrec(dataset, output_dir, epochs, batch_size, lr, seed, device, time_budget_s,
@@ -395,12 +416,22 @@ def train(dataset="lastfm", output_dir=None, epochs=30, batch_size=256, lr=2e-3,
     for protocol in di.PROTOCOLS:
         res = evaluate_sasrec(model, catalog, "test", protocol, seed)
         res["checkpoint"] = str(output_dir)
-        di.atomic_write_text(Path(output_dir) / f"metrics_{protocol}.json", json.dumps(res, indent=2) + "\n")
+        cache.atomic_write_text(Path(output_dir) / f"metrics_{protocol}.json", json.dumps(res, indent=2) + "\n")
         print(_summary(res))
 
 
 def evaluate(checkpoint, protocol="clean", dataset=None, split="test", seed=0, max_samples=None, output=None):
-    """Evaluate a saved checkpoint (dataset defaults to the one it was trained on)."""
+    """Evaluate a saved checkpoint on the 20-candidate rows and print its metrics.
+
+    Args:
+        checkpoint: the SASRec folder (sasrec_config.json + sasrec.safetensors).
+        protocol: the candidate protocol: clean or sdpo.
+        dataset: a dataset name or folder (default: the one it was trained on).
+        split: test, val or train.
+        seed: seeds the clean candidates.
+        max_samples: the first N rows (None: all).
+        output: a metrics JSON file to write.
+    """
     di.check_protocol(protocol)
     model = load_sasrec(checkpoint)
     if dataset is None:  # the folder it was trained on if it still exists, else its name under data/
@@ -411,7 +442,7 @@ def evaluate(checkpoint, protocol="clean", dataset=None, split="test", seed=0, m
     res = evaluate_sasrec(model, catalog, split, protocol, seed, max_samples)
     res["checkpoint"] = str(checkpoint)
     if output:
-        di.atomic_write_text(output, json.dumps(res, indent=2) + "\n")
+        cache.atomic_write_text(output, json.dumps(res, indent=2) + "\n")
     print(_summary(res))
 
 

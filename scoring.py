@@ -33,11 +33,7 @@ import functools
 
 import torch
 
-from cli import NapoError
-
-
-class ScoringInputError(NapoError):
-    """Malformed prompts/answers given to answer_logps."""
+from errors import ScoringInputError
 
 
 def _ids(seq) -> list[int]:

@@ -3,9 +3,9 @@
 A 7B LLM answers from a list in its prompt out of the box; it learned to from web text. A 4-layer model
 trained on listening sequences does not: a LastFM sequence never repeats an artist, so its training teaches
 "never name a title that is in the context", and from a standard initialisation it did not discover
-in-context copying within any build budget we tried (README, "The embedded model"). So the stand-in gets
+in-context copying within any build budget we tried (docs/embedded_model.md). So the stand-in gets
 the mechanism as architecture, the way pointer-generator networks do, and learns *when* to use it from
-content-free data (modeling.pretraining_docs):
+content-free data (pretrain_data.pretraining_docs):
 
     logits[t] = lm_head(h)[t] + exp(scale) * sum_i sigmoid(q(h) . k(h_i) / sqrt(d) + bias) * [x_i == t]
 
@@ -27,10 +27,10 @@ so a query whose answer so far matches a listed title's prefix lifts that title'
 `copy_next_match` (tiny-bpe's recipe) only the positions whose predecessor holds the query's own token vote
 (x_pred(j) == x_t: an induction head by construction, as prompt-lookup decoding matches n-grams); the
 learned q'·k' then only chooses among those continuations (the unrestricted votes were not learned within a
-build's budget: README, "The embedded model").
+build's budget: docs/embedded_model.md).
 
 With `copy_open_ids` / `copy_close_ids` (tiny-bpe's recipe: the tokens that open and close a quoted list entry,
-modeling.list_delimiters) the votes follow the list's entries, as a pointer network over them does: the first
+tokens.list_delimiters) the votes follow the list's entries, as a pointer network over them does: the first
 votes come only from positions right after an opening token (an entry's first piece: a title's remaining
 pieces and the answer's own tokens do not vote there), and a next-token vote for a closing token is a vote for
 EOS (the answer ends where the listed entry ends; its key, read at the entry's last piece, cannot tell a
@@ -178,7 +178,7 @@ class TinyCopyForCausalLM(LlamaForCausalLM):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 labels=None, use_cache=None, logits_to_keep=0, fused_lm_head=False, shift_labels=None,
-                num_items_in_batch=None, detach_query=None, detach_lm=None, **kwargs):
+                num_items_in_batch=None, detach_lm=None, **kwargs):
         if fused_lm_head:  # TRL's trainers: per-token log-probs of the labels, through the copy head too;
             # logits only where a label is scored (an SFT row's answer: ~3 of ~90 positions), as TRL's own head does
             shifted = labels[:, 1:] if shift_labels is None else shift_labels
@@ -195,11 +195,6 @@ class TinyCopyForCausalLM(LlamaForCausalLM):
                          cache=cache, use_cache=use_cache, **kwargs)
         h = out.last_hidden_state
         keys, ids = self.copy_key(h), input_ids
-        if detach_query is not None:  # (B, q) bool, the build's pretrain_list_detach: these positions' queries and
-            # LM-head inputs read a detached hidden state (their loss reaches the body through the keys only)
-            h_keys, h = h, torch.where(detach_query[..., None], h.detach(), h)
-        else:
-            h_keys = h
         state = out.cache if use_cache is not False else None
         if state is not None and getattr(state, "napo_copy", None) is not None:
             keys = torch.cat([state.napo_copy[0], keys], 1)
@@ -211,7 +206,7 @@ class TinyCopyForCausalLM(LlamaForCausalLM):
         if not getattr(self.config, "copy_next", False):
             w = self.copy_votes(h, keys, allowed)
         else:  # the next-token votes, for the same tokens
-            nkeys, has, pred_ids, has2, pred2_ids = self.next_keys(h_keys, input_ids, attention_mask, state)
+            nkeys, has, pred_ids, has2, pred2_ids = self.next_keys(h, input_ids, attention_mask, state)
             first = allowed
             if self.config.copy_open_ids:  # first votes only from an entry's first piece
                 first = first & (has & torch.isin(pred_ids, self._ids(self.config.copy_open_ids, h)))[:, None, :]

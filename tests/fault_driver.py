@@ -19,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import cache  # noqa: E402
 import cli  # noqa: E402
-import data_interface as di  # noqa: E402
-import modeling  # noqa: E402
+import stage  # noqa: E402
 
 
 def die():
@@ -32,7 +32,7 @@ def die():
 def install(point: str) -> None:
     kind, _, arg = point.partition(":")
     if kind in ("step", "saved"):
-        n, make = int(arg), modeling.base_record_callback
+        n, make = int(arg), stage.base_record_callback
 
         def with_kill(info):
             cb = make(info)
@@ -49,9 +49,9 @@ def install(point: str) -> None:
 
             return Kill()
 
-        modeling.base_record_callback = with_kill
+        stage.base_record_callback = with_kill
     elif kind in ("final_saved", "after"):
-        write = di.atomic_write_text
+        write = cache.atomic_write_text
 
         def write_then_die(path, text):
             write(path, text)
@@ -60,7 +60,7 @@ def install(point: str) -> None:
                     kind == "final_saved" and p.name == "napo_run.json" and ".tmp" in p.parent.name:
                 die()
 
-        di.atomic_write_text = write_then_die
+        cache.atomic_write_text = write_then_die
     elif kind == "replace":
         replace = os.replace
 

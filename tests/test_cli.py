@@ -12,37 +12,11 @@ import pytest
 import cli
 import data_interface as di
 import modeling
+import pretrain_data
+import tiny_build
+from conftest import SMALL, cli_error
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             intermediate_size=128, pretrain_epochs=1, pretrain_recall=1.0, pretrain_lr=5e-3, pretrain_max_steps=150,
-             probe_rows=100)  # = conftest.SMALL
-
-
-def cli_error(capsys, target, argv, default=None) -> str:
-    """Run an entry point's CLI in this process; it must exit 2 with one last line `error: ...`, no traceback."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as info:
-        cli.run(target, argv=[str(a) for a in argv], default=default)
-    assert info.value.code == cli.EXIT_ERROR
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "\n" not in last
-    return last
-
-
-@pytest.fixture
-def no_models(monkeypatch):
-    """Loading or building any model (LLM or SASRec) fails the test."""
-    import sasrec
-
-    def forbidden(*a, **k):
-        raise AssertionError("a model was loaded or built before the bad input was reported")
-
-    for mod, name in ((modeling, "load_base_model"), (modeling, "build_tiny"), (sasrec, "get_or_train_sasrec"),
-                      (sasrec, "load_sasrec"), (sasrec, "train_sasrec")):
-        monkeypatch.setattr(mod, name, forbidden)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +28,7 @@ def adapter(small_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     final = sft.main(base_model=small_model, output_dir=str(root / "sft"), max_train_samples=16, batch_size=8,
                      logging_steps=1, save_steps=2)
-    other = modeling.build_tiny("lastfm", root / "other", **{**SMALL, "seed": 1, "pretrain_epochs": 0})
+    other = tiny_build.build_tiny("lastfm", root / "other", **{**SMALL, "seed": 1, "pretrain_epochs": 0})
     return {"root": root, "final": final, "ckpt": str(root / "sft" / "checkpoint-2"), "model": small_model,
             "other": str(other)}
 
@@ -261,9 +235,9 @@ def test_malformed_train_line_of_a_new_dataset_names_file_and_line(capsys, no_mo
     assert where in last
     cat = di.load_catalog(folder)
     with pytest.raises(di.DataError, match=":5: malformed row"):
-        modeling.user_sequences(cat)  # the pretraining reader shares the validated parser
+        pretrain_data.user_sequences(cat)  # the pretraining reader shares the validated parser
     with pytest.raises(di.DataError, match=":5: malformed row"):
-        modeling.tiny_path(folder)  # checked before a build starts (build_tiny is forbidden here)
+        tiny_build.tiny_path(folder)  # checked before a build starts (build_tiny is forbidden here)
     assert not (tmp_path / "out").exists()
 
 
@@ -294,17 +268,17 @@ def test_model_cache_is_keyed_by_content(tmp_path, monkeypatch):
     for d in (stale, live):
         d.mkdir(parents=True)
         (d / "config.json").write_text("{half a build")
-    p1 = modeling.tiny_path("lastfm", **opts)
+    p1 = tiny_build.tiny_path("lastfm", **opts)
     assert not stale.exists() and live.exists()
     assert p1.parent == models and p1.name.startswith("tiny-") and "lastfm" not in p1.name
 
     def rebuilt(*a, **k):
         raise AssertionError("rebuilt")
 
-    monkeypatch.setattr(modeling, "build_tiny", rebuilt)
+    monkeypatch.setattr(tiny_build, "build_tiny", rebuilt)
     copy = tmp_path / "renamed_copy"
     shutil.copytree(REPO / "data" / "lastfm", copy)
-    assert modeling.tiny_path(str(copy), **opts) == p1
+    assert tiny_build.tiny_path(str(copy), **opts) == p1
     legacy = models / f"tiny-lastfm-{p1.name[len('tiny-'):]}"
     os.replace(p1, legacy)
-    assert modeling.tiny_path("lastfm", **opts) == legacy
+    assert tiny_build.tiny_path("lastfm", **opts) == legacy

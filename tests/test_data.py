@@ -49,7 +49,7 @@ def read_sums(path) -> dict:
 
 
 def run_py(args, env_extra=None, cwd=REPO):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
+    env = dict(os.environ)
     env.update(env_extra or {})
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=120)

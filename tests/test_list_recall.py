@@ -1,4 +1,6 @@
-"""list_recall.py: the probe; and the build's list-recall skill (modeling.build_tiny records the probe)."""
+"""The embedded model's list-recall skill and its build: probes.py (the probe, window ranking), pretrain_data.py
+(documents, batches, packing), pretrain_loss.py, cooc.py (the co-listening start), tiny_build.py (the build records
+the probe)."""
 import json
 import math
 import random
@@ -7,16 +9,21 @@ from pathlib import Path
 import pytest
 import torch
 
+import cooc
 import data_interface as di
-import list_recall
-import modeling
+import pretrain_data
+import pretrain_loss
+import probes
+import tiny_build
+import tokens
 from conftest import SMALL
+from errors import ModelError
 
 
 @pytest.fixture(scope="module")
 def builds(small_model, tmp_path_factory):
     """The small test model (tests/conftest.py), and the same recipe without the copy head (a plain Llama)."""
-    plain = modeling.build_tiny("lastfm", tmp_path_factory.mktemp("plain"), **{**SMALL, "copy_head": False,
+    plain = tiny_build.build_tiny("lastfm", tmp_path_factory.mktemp("plain"), **{**SMALL, "copy_head": False,
                                                                                   "pretrain_list_detach": None})
     return [json.loads((Path(p) / "napo_build.json").read_text()) for p in (small_model, plain)]
 
@@ -49,20 +56,19 @@ def test_bpe_build_learns_to_answer_from_the_list(small_bpe_model):
 
 def test_probe_measures_mass_on_the_list(small_model):
     """The probe's figure is the mass on the list: recomputed by hand, one full forward per candidate."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(small_model).eval()
     tok = AutoTokenizer.from_pretrained(small_model)
     catalog = di.load_catalog("lastfm")
-    probe = list_recall.list_recall_probe(model, tok, catalog, rows=4, seed=7)
+    probe = probes.list_recall_probe(model, tok, catalog, rows=4, seed=7)
     rng = random.Random(7)
     masses = []
     for _ in range(4):
-        prompt, cands, _ = modeling.list_prompt(catalog, rng)
+        prompt, cands, _ = pretrain_data.list_prompt(catalog, rng)
         total = 0.0
         for c in cands:
-            ids, (ans,) = modeling.encode_prompt_answers(tok, prompt, [di.answer_text(catalog, c)])
+            ids, (ans,) = tokens.encode_prompt_answers(tok, prompt, [di.answer_text(catalog, c)])
             with torch.no_grad():
                 logp = model(torch.tensor([ids + ans])).logits[0].log_softmax(-1)
             total += math.exp(sum(logp[len(ids) - 1 + j, t].item() for j, t in enumerate(ans)))
@@ -71,40 +77,19 @@ def test_probe_measures_mass_on_the_list(small_model):
 
 
 def test_list_prompts_are_content_free_and_in_the_project_templates():
-    """list_prompt: 20 distinct random candidates and a disjoint history (random titles, or with `seqs` a
-    stretch of a train user's sequence), in one of the SFT templates."""
+    """list_prompt: 20 distinct random candidates and a disjoint random history, in one of the SFT templates."""
     catalog = di.load_catalog("lastfm")
     rng = random.Random(3)
     for _ in range(50):
-        prompt, cands, hist = modeling.list_prompt(catalog, rng)
+        prompt, cands, hist = pretrain_data.list_prompt(catalog, rng)
         assert len(set(cands)) == di.NUM_CANDIDATES and 3 <= len(hist) <= 10 and not set(cands) & set(hist)
         assert prompt in {t.format(candidates=di.quote_titles(catalog, cands), history=di.quote_titles(catalog, hist))
                           for t in di.TEMPLATES}
-    # the build's variant: the history is a stretch of a train user's sequence, the candidates stay random
-    seqs = modeling.user_sequences(catalog, "train")
-    stretches = {tuple(s[a:a + n]) for s in seqs for n in range(3, 11) for a in range(len(s) - n + 1)}
-    for _ in range(50):
-        prompt, cands, hist = modeling.list_prompt(catalog, rng, seqs=seqs)
-        assert len(set(cands)) == di.NUM_CANDIDATES and 3 <= len(hist) <= 10 and not set(cands) & set(hist)
-        assert tuple(hist) in stretches
-    # "train+next": one candidate is the item that follows the stretch in that user's sequence
-    follows = {}
-    for s in seqs:
-        for n in range(1, 11):
-            for a in range(len(s) - n):
-                follows.setdefault(tuple(s[a:a + n]), set()).add(s[a + n])
-    for _ in range(50):
-        prompt, cands, hist = modeling.list_prompt(catalog, rng, seqs=seqs, with_next=True)
-        assert len(set(cands)) == di.NUM_CANDIDATES and 1 <= len(hist) <= 10 and not set(cands) & set(hist)
-        assert follows[tuple(hist)] & set(cands)
 
 
 def test_pretrain_loss_weights_the_two_kinds_alike_and_scores_the_set():
-    """modeling.pretrain_loss on hand-made logits: mean CE over the window's tokens + mean over the list
-    answer's tokens, the answer's first token scored by -log P(in candidates) ("set"), that + KL(teacher ‖
-    answer over the candidates) ("distill") or its own CE ("pick")."""
-    import torch
-
+    """pretrain_loss.pretrain_loss on hand-made logits: mean CE over the window's tokens + mean over the list
+    answer's tokens, the answer's first token scored by -log P(in candidates)."""
     torch.manual_seed(0)
     V, T = 30, 6
     logits = torch.randn(2, T, V)
@@ -116,101 +101,61 @@ def test_pretrain_loss_weights_the_two_kinds_alike_and_scores_the_set():
     win = -torch.stack([logp[0, t - 1, window[t]] for t in range(1, T)]).mean()
     eos = -logp[1, 3, 8]
     set_term = -torch.logsumexp(logp[1, 2, cands[1]], -1)
-    got = modeling.pretrain_loss(logits, labels, cands, "set")
+    got = pretrain_loss.pretrain_loss(logits, labels, cands)
     assert torch.allclose(got, win + (set_term + eos) / 2, atol=1e-5)
-    got = modeling.pretrain_loss(logits, labels, cands, "pick")
-    assert torch.allclose(got, win + (-logp[1, 2, 7] + eos) / 2, atol=1e-5)
     # first_at 1 (tiny-bpe: every answer starts with the space): the answer "space, 7, EOS" is scored by the CE
     # of its space, the set term at the token after it, and the CE of its EOS
     spaced = torch.stack([window, torch.tensor([-100, -100, 9, 7, 8, -100])])
-    got = modeling.pretrain_loss(logits, spaced, cands, "set", first_at=torch.tensor([0, 1]))
+    got = pretrain_loss.pretrain_loss(logits, spaced, cands, first_at=torch.tensor([0, 1]))
     assert torch.allclose(got, win + (-logp[1, 1, 9] + set_term + eos) / 3, atol=1e-5)
-    # "distill": + KL over the candidates + KL over the items the prompt does not name, by hand. Items 0..24
-    # with first answer tokens 5..29 (item i -> token i + 5): candidates are items 2..21 (tokens 7, 10..28 as
-    # above: item 2 -> 7, items 5..23 -> 10..28), the history names item 0.
-    item_first = torch.arange(25) + 5
-    cand_items = torch.tensor([[2] + list(range(5, 24))])
-    assert torch.equal(item_first[cand_items[0]], cands[1])
-    named = torch.zeros(1, 25, dtype=torch.bool)
-    named[0, cand_items[0]] = True
-    named[0, 0] = True
-    t_logp = torch.randn(1, 25).log_softmax(-1)
-    teacher = modeling.Teacher(t_logp, cand_items, named, item_first)
-    a = logp[1, 2, item_first]  # the answer's log-probs of the 25 items
-
-    def kl(t, s):
-        t, s = t.log_softmax(-1), s.log_softmax(-1)
-        return (t.exp() * (t - s)).sum()
-
-    off = [i for i in range(25) if not named[0, i]]
-    by_hand = kl(t_logp[0, cand_items[0]], a[cand_items[0]]) + kl(t_logp[0, off], a[off])
-    got = modeling.pretrain_loss(logits, labels, cands, "distill", teacher)
-    assert torch.allclose(got, win + (set_term + by_hand + eos) / 2, atol=1e-5)
-    # a teacher that is the answer's own distribution adds nothing
-    same = modeling.Teacher(a[None].clone(), cand_items, named, item_first)
-    assert torch.allclose(modeling.pretrain_loss(logits, labels, cands, "distill", same), win + (set_term + eos) / 2,
-                          atol=1e-5)
 
 
-def test_window_teacher_reads_the_continuation_of_each_history(small_model):
-    """modeling.window_teacher == one forward per history window, renormalised over its candidates; and
-    window_items (the build's "distill" targets) the same forward read at every item, with what the prompt names."""
-    import torch
+def test_window_choice_logps_read_the_continuation_of_each_history(small_model):
+    """probes.window_choice_logps == one forward per history window, renormalised over its candidates."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(small_model).eval()
     tok = AutoTokenizer.from_pretrained(small_model)
     catalog = di.load_catalog("lastfm")
-    win_first = modeling.window_first_tokens(tok, catalog)
-    first = modeling.answer_first_tokens(tok, catalog)
+    win_first = tokens.window_first_tokens(tok, catalog)
     rng = random.Random(1)
-    docs = []
+    windows, firsts = [], []
     for _ in range(3):
-        prompt, cands, hist = modeling.list_prompt(catalog, rng)
-        docs.append(modeling.encode_doc(tok, first, win_first, prompt, di.answer_text(catalog, cands[0]), cands, hist,
-                                        di.quote_titles(catalog, hist) + modeling.WINDOW_NEXT)[2])
-    assert len({len(d.window_ids) for d in docs}) > 1  # padding is exercised
-    got = modeling.window_teacher(model, docs, tok.pad_token_id)
-    items = modeling.window_items(model, docs, win_first, first, tok.pad_token_id)
-    for j, (row, d) in enumerate(zip(got, docs)):
+        _, cands, hist = pretrain_data.list_prompt(catalog, rng)
+        windows.append(tok(di.quote_titles(catalog, hist) + tokens.WINDOW_NEXT, add_special_tokens=False)["input_ids"])
+        firsts.append([win_first[c] for c in cands])
+    assert len({len(w) for w in windows}) > 1  # padding is exercised
+    got = probes.window_choice_logps(model, windows, firsts, tok.pad_token_id)
+    for row, w, f in zip(got, windows, firsts):
         with torch.no_grad():
-            logp = model(torch.tensor([d.window_ids])).logits[0, -1].log_softmax(-1)
-        assert torch.allclose(row, logp[d.window_first].log_softmax(-1), atol=1e-5)
-        assert torch.allclose(items.logp[j], logp[win_first], atol=1e-5)  # every item, not renormalised
-        assert items.cands[j].tolist() == d.cands and set(items.named[j].nonzero()[:, 0].tolist()) == set(d.named)
+            logp = model(torch.tensor([w])).logits[0, -1].log_softmax(-1)
+        assert torch.allclose(row, logp[f].log_softmax(-1), atol=1e-5)
 
 
-def test_length_batches_keep_every_document_once_and_cut_padding():
+def test_shuffled_batches_keep_every_document_once_in_consecutive_chunks():
     docs = [([0] * random.Random(i).randint(1, 100), i, None) for i in range(1000)]  # (ids, labels, cands)
-    batches = modeling.length_batches(docs, 32, random.Random(0), pool=8)
-    assert sorted(d[1] for b in batches for d in b) == list(range(1000))
-    padded = sum(len(b) * max(len(d[0]) for d in b) for b in batches)
-    plain = sum(len(docs[i:i + 32]) * max(len(d[0]) for d in docs[i:i + 32]) for i in range(0, 1000, 32))
-    assert padded < 0.7 * plain
-    # pool 1 (the build's default): the batches are the consecutive chunks of the shuffled documents, reordered
-    mixed = modeling.length_batches(docs, 32, random.Random(0), pool=1)
-    assert sorted(tuple(d[1] for d in b) for b in mixed) == sorted(tuple(range(i, min(i + 32, 1000)))
-                                                                   for i in range(0, 1000, 32))
+    batches = pretrain_data.shuffled_batches(docs, 32, random.Random(0))
+    assert sorted(tuple(d[1] for d in b) for b in batches) == sorted(tuple(range(i, min(i + 32, 1000)))
+                                                                     for i in range(0, 1000, 32))
+    assert [b[0][1] for b in batches] != list(range(0, 1000, 32))  # the batches' order is shuffled
 
 
 def _build_batch(n_docs=32, seed=0):
     """The first n_docs of a real build epoch (windows and list prompts), encoded as the build does."""
     catalog = di.load_catalog("lastfm")
-    tok = modeling.build_tiny_tokenizer(catalog, 2000, True)
-    first, win_first = modeling.answer_first_tokens(tok, catalog), modeling.window_first_tokens(tok, catalog)
-    docs = modeling.pretraining_docs(catalog, 1, 24, 0.4, seed)[0][:n_docs]
-    return tok, first, win_first, [modeling.encode_doc(tok, first, win_first, *d) for d in docs]
+    tok = tiny_build.build_tiny_tokenizer(catalog, 2000, True)
+    first = tokens.answer_first_tokens(tok, catalog)
+    docs = pretrain_data.pretraining_docs(catalog, 1, 24, 0.4, seed)[0][:n_docs]
+    return tok, [pretrain_data.encode_doc(tok, first, *d) for d in docs]
 
 
 def test_pack_batch_lays_every_document_once_on_its_own_positions():
     """pack_batch: each document's tokens appear once, contiguous, at positions 0..len-1, attending causally to
     itself only; the kept positions are exactly those predicting its labels, with those labels; less padding
     than one row per document."""
-    import torch
-
-    tok, _, _, batch = _build_batch()
+    tok, batch = _build_batch()
     assert any(d for _, _, d in batch) and any(d is None for _, _, d in batch)  # both kinds
-    p = modeling.pack_batch(batch, tok.pad_token_id)
+    p = pretrain_data.pack_batch(batch, tok.pad_token_id)
     R, W = p.ids.shape
     seen, flat = set(), 0
     for r in range(R):
@@ -233,8 +178,8 @@ def test_pack_batch_lays_every_document_once_on_its_own_positions():
             flat += n
     assert sorted(seen) == list(range(len(batch))) and flat == len(p.targets) == int(p.keep.sum())
     padded = len(batch) * max(len(e) for e, _, _ in batch)
-    tokens = sum(len(e) for e, _, _ in batch)
-    assert 1 - tokens / p.rows_padded < 0.5 * (1 - tokens / padded)
+    real = sum(len(e) for e, _, _ in batch)
+    assert 1 - real / p.rows_padded < 0.5 * (1 - real / padded)
 
 
 @pytest.mark.parametrize("copy_head,copy_next,match,entries", [(True, False, False, False), (False, False, False, False),
@@ -242,43 +187,37 @@ def test_pack_batch_lays_every_document_once_on_its_own_positions():
                                                              (True, True, True, True)])
 def test_packed_build_step_equals_the_padded_one(copy_head, copy_next, match, entries):
     """A build step on packed rows (the default) has the loss and the gradients of the same batch padded one
-    document per row, for every list loss: packing changes the cost, not the model."""
-    import torch
-
-    tok, first, win_first, batch = _build_batch()
+    document per row, with and without the "lm" detach: packing changes the cost, not the model."""
+    tok, batch = _build_batch()
     torch.manual_seed(0)
-    model = modeling.new_tiny_llama(tok, dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                              num_key_value_heads=2, intermediate_size=128, copy_head=copy_head,
-                                              copy_next=copy_next, copy_next_match=match,
-                                              copy_entries=entries))
-    for list_loss in ("set", "pick", "distill"):
+    model = tiny_build.new_tiny_llama(tok, dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                num_key_value_heads=2, intermediate_size=128, copy_head=copy_head,
+                                                copy_next=copy_next, copy_next_match=match, copy_entries=entries))
+    for detach in (None, "lm") if copy_head else (None,):
         losses, grads = [], []
         for pack in (False, True):
-            inputs = modeling.batch_inputs(model, batch, tok.pad_token_id, pack)
-            teacher = (modeling.window_items(model, inputs["lists"], win_first, first, tok.pad_token_id)
-                       if list_loss == "distill" else None)
+            inputs = pretrain_loss.batch_inputs(model, batch, tok.pad_token_id, pack)
             model.zero_grad()
-            loss = modeling.batch_loss(model, inputs, list_loss, teacher)
+            loss = pretrain_loss.batch_loss(model, inputs, detach)
             loss.backward()
             losses.append(loss.item())
             grads.append([q.grad.clone() for q in model.parameters()])
-        assert abs(losses[0] - losses[1]) < 1e-5 * abs(losses[0]), (list_loss, losses)
+        assert abs(losses[0] - losses[1]) < 1e-5 * abs(losses[0]), (detach, losses)
         scale = max(g.abs().max().item() for g in grads[0])
-        assert max((a - b).abs().max().item() for a, b in zip(*grads)) < 1e-5 * scale, list_loss
+        assert max((a - b).abs().max().item() for a, b in zip(*grads)) < 1e-5 * scale, detach
 
 
 def test_window_ranking_is_two_argmaxes_by_hand(small_model):
-    """list_recall.window_ranking: per row, argmax over the candidates' first tokens of the continuation of
+    """probes.window_ranking: per row, argmax over the candidates' first tokens of the continuation of
     the history as a window, and of the answer after the prompt — recomputed with one forward per row."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(small_model).eval()
     tok = AutoTokenizer.from_pretrained(small_model)
     catalog = di.load_catalog("lastfm")
     rows = di.eval_rows(catalog, "test", "clean", max_samples=12)
-    got = list_recall.window_ranking(model, tok, catalog, rows, batch_size=5)
-    win_first, ans_first = modeling.window_first_tokens(tok, catalog), modeling.answer_first_tokens(tok, catalog)
+    got = probes.window_ranking(model, tok, catalog, rows, batch_size=5)
+    win_first, ans_first = tokens.window_first_tokens(tok, catalog), tokens.answer_first_tokens(tok, catalog)
     hits, rank_sum, corr = [0, 0], [0, 0], 0.0
     for r in rows:
         seqs = (tok(di.quote_titles(catalog, r["history_ids"]) + ', "', add_special_tokens=False)["input_ids"],
@@ -317,80 +256,30 @@ def test_window_ranking_is_two_argmaxes_by_hand(small_model):
 
 
 def test_lm_head_logits_leave_the_copy_heads_votes_as_the_rest(small_model):
-    """modeling.lm_head_logits: the model's logits less these (the copy head's lift) are > 0 on a token the prompt
+    """probes.lm_head_logits: the model's logits less these (the copy head's lift) are > 0 on a token the prompt
     holds and 0 (up to float rounding) on one it does not hold, in a padded row too (read as the same row alone);
     a plain Llama has no copy head (None)."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(small_model).eval()
     tok = AutoTokenizer.from_pretrained(small_model)
     catalog = di.load_catalog("lastfm")
-    first = modeling.answer_first_tokens(tok, catalog)
+    first = tokens.answer_first_tokens(tok, catalog)
     row = di.eval_rows(catalog, "test", "clean", max_samples=1)[0]
     absent = [i for i in range(catalog.n_items) if i not in row["candidate_ids"] and i not in row["history_ids"]][:3]
     prompt = tok(row["prompt"])["input_ids"]
     choices = [first[i] for i in row["candidate_ids"][:3] + absent]
-    lm = modeling.lm_head_logits(model, [prompt, prompt[:-3]], [choices] * 2, tok.pad_token_id)
+    lm = probes.lm_head_logits(model, [prompt, prompt[:-3]], [choices] * 2, tok.pad_token_id)
     with torch.no_grad():  # the model's logits, each row alone
         full = torch.stack([model(torch.tensor([q])).logits[0, -1, choices] for q in (prompt, prompt[:-3])])
     lift = full - lm
     assert lift.shape == (2, 6) and (lift[0, :3] > 0.1).all() and (lift[:, :3] > 0).all(), lift
     assert (lift[:, 3:].abs() < 1e-4).all(), lift
-    alone = modeling.lm_head_logits(model, [prompt[:-3]], [choices], tok.pad_token_id)  # the padded row read right
+    alone = probes.lm_head_logits(model, [prompt[:-3]], [choices], tok.pad_token_id)  # the padded row read right
     assert torch.allclose(lm[1], alone[0], atol=1e-4), (lm, alone)
-    plain = modeling.new_tiny_llama(tok, dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                              num_key_value_heads=2, intermediate_size=64, copy_head=False))
-    assert modeling.lm_head_logits(plain, [prompt], [[first[i] for i in absent]], tok.pad_token_id) is None
-
-
-def test_distill_start_freezes_a_copy_of_the_model_as_the_teacher(monkeypatch):
-    """pretrain_distill_start f: the first int(f * steps) steps use the "set" loss and call no teacher; every
-    later step distills against one frozen copy of the model as it stood after those steps — not the model being
-    trained, and unchanged while that model moves on. Without it "distill" asks the live model every step."""
-    import torch
-
-    catalog = di.load_catalog("lastfm")
-    tok = modeling.build_tiny_tokenizer(catalog, 2000, True)
-    opts = {**modeling.TINY_DEFAULTS, **SMALL, "pretrain_max_steps": 6, "pretrain_list_loss": "distill"}
-    real_items, real_loss = modeling.window_items, modeling.batch_loss
-
-    def run(distill_start):
-        torch.manual_seed(0)
-        model = modeling.new_tiny_llama(tok, opts)
-        seen = {"loss": [], "teacher": []}
-
-        def items(teacher, *a, **k):
-            seen["teacher"].append((len(seen["loss"]) + 1, teacher, modeling.state_hash(teacher),
-                                    modeling.state_hash(model)))
-            return real_items(teacher, *a, **k)
-
-        def loss(m, inputs, list_loss="set", teacher=None, list_detach=None):
-            seen["loss"].append(list_loss)
-            return real_loss(m, inputs, list_loss, teacher, list_detach)
-
-        monkeypatch.setattr(modeling, "window_items", items)
-        monkeypatch.setattr(modeling, "batch_loss", loss)
-        modeling._pretrain(model, tok, catalog, {**opts, "pretrain_distill_start": distill_start}, log=lambda *a, **k: None)
-        return model, seen
-
-    model, seen = run(0.5)
-    assert seen["loss"] == ["set"] * 3 + ["distill"] * 3
-    steps = [s for s, *_ in seen["teacher"]]
-    assert steps == [4, 5, 6]  # every step of this recipe has list prompts
-    teachers = {id(t) for _, t, _, _ in seen["teacher"]}
-    assert len(teachers) == 1 and id(model) not in teachers
-    hashes = [h for _, _, h, _ in seen["teacher"]]
-    assert len(set(hashes)) == 1  # frozen
-    assert hashes[0] == seen["teacher"][0][3]  # a copy of the model after step 3 ...
-    assert seen["teacher"][-1][3] != hashes[0]  # ... which then moved on
-    model, seen = run(None)  # the live model as its own teacher, from step 1
-    assert seen["loss"] == ["distill"] * 6 and all(t is model for _, t, _, _ in seen["teacher"])
-    with pytest.raises(modeling.ModelError, match="pretrain_distill_start"):
-        modeling.build_tiny("lastfm", "/nonexistent", **{**SMALL, "pretrain_distill_start": 0.5})  # needs distill
-    with pytest.raises(modeling.ModelError, match="pretrain_distill_start"):
-        modeling.build_tiny("lastfm", "/nonexistent", **{**SMALL, "pretrain_list_loss": "distill",
-                                                         "pretrain_distill_start": 1.0})
+    plain = tiny_build.new_tiny_llama(tok, dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                num_key_value_heads=2, intermediate_size=64, copy_head=False))
+    assert probes.lm_head_logits(plain, [prompt], [[first[i] for i in absent]], tok.pad_token_id) is None
 
 
 def test_dense_copy_documents_repeat_their_list_and_leave_the_default_docs_alone():
@@ -398,57 +287,25 @@ def test_dense_copy_documents_repeat_their_list_and_leave_the_default_docs_alone
     scored tokens are the listed ones again (titles tokenized alike, tiny-bpe's tokenizer); without the
     option the documents are exactly the default build's."""
     catalog = di.load_catalog("lastfm")
-    plain = modeling.pretraining_docs(catalog, 1, 24, 0.4, 0)[0]
-    assert modeling.pretraining_docs(catalog, 1, 24, 0.4, 0, dense_copy=None)[0] == plain
-    docs = modeling.pretraining_docs(catalog, 1, 24, 0.4, 0, dense_copy=0.25)[0]
+    plain = pretrain_data.pretraining_docs(catalog, 1, 24, 0.4, 0)[0]
+    assert pretrain_data.pretraining_docs(catalog, 1, 24, 0.4, 0, dense_copy=None)[0] == plain
+    docs = pretrain_data.pretraining_docs(catalog, 1, 24, 0.4, 0, dense_copy=0.25)[0]
     copies = [d for d in docs if d[0].startswith("Options: ") and d[0].endswith(". Again:")]
     n_windows = sum(d[1] is None for d in plain)
     assert len(copies) == int(0.25 * n_windows) and len(docs) == len(plain) + len(copies)
-    tok = modeling.build_tiny_tokenizer(catalog, 2000, item_tokens=False, colon_space=True)
-    first, win_first = modeling.answer_first_tokens(tok, catalog), modeling.window_first_tokens(tok, catalog)
+    tok = tiny_build.build_tiny_tokenizer(catalog, 2000, item_tokens=False, colon_space=True)
+    first = tokens.answer_first_tokens(tok, catalog)
     for d in copies[:20]:
         listed = d[0][len("Options: "):-len(". Again:")]
-        assert d[1] == " " + listed and d[2:] == (None, None, None)
-        ids, labels, extra = modeling.encode_doc(tok, first, win_first, *d)
+        assert d[1] == " " + listed and d[2] is None
+        ids, labels, extra = pretrain_data.encode_doc(tok, first, *d)
         scored = [t for t, lab in zip(ids, labels) if lab != -100]
         assert extra is None and scored[-1] == tok.eos_token_id
-        assert modeling.decode(tok, scored[:-1]) == " " + listed
+        assert tokens.decode(tok, scored[:-1]) == " " + listed
         prompt = ",".join(map(str, ids[:len(ids) - len(scored)]))
         assert "," + ",".join(map(str, scored[1:-1])) + "," in prompt + ","  # after the space: a verbatim copy
-    with pytest.raises(modeling.ModelError, match="pretrain_dense_copy"):
-        modeling.build_tiny("lastfm", "/nonexistent", **{**SMALL, "pretrain_dense_copy": 2})
-
-
-def test_list_detach_changes_only_the_bodys_gradient():
-    """pretrain_list_detach: the list prompts' scored positions read a detached hidden state, packed or padded.
-    The loss is the same value, and so are the gradients of what sits after the hidden state (the copy query
-    and gate, the final layer's input to the LM head is detached, not the head); the body's gradient differs
-    (the list prompts no longer reach it at their answer position), the same way packed and padded."""
-    import torch
-
-    tok, first, win_first, batch = _build_batch()
-    torch.manual_seed(0)
-    model = modeling.new_tiny_llama(tok, dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                              num_key_value_heads=2, intermediate_size=128, copy_head=True))
-    grads = {}
-    for pack in (False, True):
-        for detach in (None, True, "lm"):
-            inputs = modeling.batch_inputs(model, batch, tok.pad_token_id, pack)
-            model.zero_grad()
-            loss = modeling.batch_loss(model, inputs, "set", None, detach)
-            loss.backward()
-            grads[pack, detach] = (loss.item(), {n: q.grad.clone() for n, q in model.named_parameters()
-                                                 if q.grad is not None})
-    for pack in (False, True):
-        (l0, g0), (l1, g1) = grads[pack, None], grads[pack, True]
-        assert abs(l0 - l1) < 1e-6 * abs(l0)
-        for n in ("copy_query.weight", "copy_gate"):
-            assert torch.allclose(g0[n], g1[n], rtol=1e-5, atol=1e-7), n
-        body = [n for n in g0 if ".layers." in n]
-        assert max((g0[n] - g1[n]).abs().max().item() for n in body) > 1e-4 * max(g0[n].abs().max().item() for n in body)
-    for detach in (True, "lm"):
-        for n, g in grads[False, detach][1].items():  # packed = padded with the detach too
-            assert torch.allclose(g, grads[True, detach][1][n], rtol=1e-4, atol=1e-6 * g.abs().max().item() + 1e-9), n
+    with pytest.raises(ModelError, match="pretrain_dense_copy"):
+        tiny_build.build_tiny("lastfm", "/nonexistent", **{**SMALL, "pretrain_dense_copy": 2})
 
 
 def test_list_detach_lm_keeps_the_copy_heads_gradient_and_frees_the_lm_head():
@@ -456,17 +313,15 @@ def test_list_detach_lm_keeps_the_copy_heads_gradient_and_frees_the_lm_head():
     value is the same, and so is every gradient that reaches the loss only through the copy votes (the copy
     query, key and gate); the tied embedding / LM head and the body get a different gradient. With no list
     prompt in the batch (windows only) nothing changes at all."""
-    import torch
-
-    tok, first, win_first, batch = _build_batch()
+    tok, batch = _build_batch()
     torch.manual_seed(0)
-    model = modeling.new_tiny_llama(tok, dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                              num_key_value_heads=2, intermediate_size=128, copy_head=True))
+    model = tiny_build.new_tiny_llama(tok, dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                num_key_value_heads=2, intermediate_size=128, copy_head=True))
 
     def run(docs, detach):
-        inputs = modeling.batch_inputs(model, docs, tok.pad_token_id, True)
+        inputs = pretrain_loss.batch_inputs(model, docs, tok.pad_token_id, True)
         model.zero_grad()
-        loss = modeling.batch_loss(model, inputs, "set", None, detach)
+        loss = pretrain_loss.batch_loss(model, inputs, detach)
         loss.backward()
         return loss.item(), {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}
 
@@ -480,12 +335,15 @@ def test_list_detach_lm_keeps_the_copy_heads_gradient_and_frees_the_lm_head():
     assert windows and len(windows) < len(batch)
     (w0, h0), (w1, h1) = run(windows, None), run(windows, "lm")
     assert w0 == w1 and all(torch.equal(h0[n], h1[n]) for n in h0)
-    with pytest.raises(modeling.ModelError, match="with copy_head=False pass pretrain_list_detach=None"):
-        modeling.build_tiny("lastfm", "/nonexistent", **{**SMALL, "copy_head": False})  # "lm" needs the head
+    with pytest.raises(ModelError, match="with copy_head=False pass pretrain_list_detach=None"):
+        tiny_build.build_tiny("lastfm", "/nonexistent", **{**SMALL, "copy_head": False})  # "lm" needs the head
+    for retired in ({"pretrain_list_loss": "distill"}, {"pretrain_length_pool": 8}, {"pretrain_list_detach": True}):
+        with pytest.raises(ModelError, match=next(iter(retired))):
+            tiny_build.build_tiny("lastfm", "/nonexistent", **{**SMALL, **retired})
 
 
 def test_ppmi_counts_pairs_within_the_window_by_hand():
-    """modeling.ppmi against a by-hand count: pairs at most `window` apart weigh 1/distance, both directions;
+    """cooc.ppmi against a by-hand count: pairs at most `window` apart weigh 1/distance, both directions;
     PPMI = max(0, log(c * total / (row * row))), 0 where two items were never listened near each other."""
     seqs = [[0, 1, 2, 3], [1, 2], [3, 0, 4]]
     n, window = 5, 2
@@ -498,7 +356,7 @@ def test_ppmi_counts_pairs_within_the_window_by_hand():
     total, row = sum(map(sum, c)), [sum(r) for r in c]
     want = [[max(0.0, math.log(c[a][b] * total / (row[a] * row[b]))) if c[a][b] else 0.0 for b in range(n)]
             for a in range(n)]
-    got = modeling.ppmi(seqs, n, window)
+    got = cooc.ppmi(seqs, n, window)
     assert got.shape == (n, n) and torch.allclose(got, torch.tensor(want, dtype=torch.float64), atol=1e-12)
     assert got[1, 2] == pytest.approx(math.log((2 * 1.0) * total / (row[1] * row[2])))  # 1-2 twice, adjacent
     assert got[0, 3] == pytest.approx(max(0.0, math.log(1.0 * total / (row[0] * row[3]))))  # adjacent once (3, 0)
@@ -511,16 +369,16 @@ def test_spectral_embeddings_factor_the_ppmi():
     matrix's positive-eigenvalue part (what the rows factor); unit rows; zero columns beyond n; each
     eigenvector's largest entry positive; fewer dimensions keep only the leading directions."""
     seqs = [[0, 1, 2, 3, 5], [1, 2, 4], [3, 0, 4, 5], [5, 4, 3, 2]]
-    m = modeling.ppmi(seqs, 6, 3)
-    vec = modeling.spectral_embeddings(*modeling.top_eigen(m, 6), 9).double()
+    m = cooc.ppmi(seqs, 6, 3)
+    vec = cooc.spectral_embeddings(*cooc.top_eigen(m, 6), 9).double()
     assert vec.shape == (6, 9) and vec[:, 6:].abs().max() == 0
     assert torch.allclose(vec.norm(dim=1), torch.ones(6, dtype=torch.float64), atol=1e-6)
     lam, u = torch.linalg.eigh(m)
     plus = u @ torch.diag(lam.clamp(min=0)) @ u.T
     d = plus.diagonal().sqrt()
     assert torch.allclose(vec @ vec.T, plus / d[:, None] / d[None, :], atol=1e-5)
-    top2 = modeling.spectral_embeddings(*modeling.top_eigen(m, 6), 2).double()
-    assert torch.equal(top2, modeling.spectral_embeddings(*modeling.top_eigen(m, 2), 2).double())
+    top2 = cooc.spectral_embeddings(*cooc.top_eigen(m, 6), 2).double()
+    assert torch.equal(top2, cooc.spectral_embeddings(*cooc.top_eigen(m, 2), 2).double())
     assert top2.shape == (6, 2) and not torch.allclose(top2 @ top2.T, vec @ vec.T, atol=1e-3)
     raw = top2 * (u[:, -2:].flip(1) * lam[-2:].flip(0).sqrt()).norm(dim=1, keepdim=True)  # undo the row norm
     assert torch.all(raw.gather(0, raw.abs().argmax(0, keepdim=True)) > 0)  # the sign convention
@@ -530,11 +388,12 @@ def test_spectral_embeddings_factor_the_ppmi():
 def test_cooccurrence_embeddings_read_the_train_split_once(monkeypatch):
     """cooccurrence_embeddings reads the train split only, once per process and dataset for every width
     (the eigendecomposition is shared), and a narrower width is the wider one's leading directions."""
-    read, real = [], modeling.user_sequences
-    monkeypatch.setattr(modeling, "user_sequences", lambda catalog, split="train": read.append(split) or real(catalog, split))
-    monkeypatch.setattr(modeling, "_COOC_CACHE", {})
+    read, real = [], pretrain_data.user_sequences
+    monkeypatch.setattr(pretrain_data, "user_sequences",
+                        lambda catalog, split="train": read.append(split) or real(catalog, split))
+    monkeypatch.setattr(cooc, "_COOC_CACHE", {})
     catalog = di.load_catalog("lastfm")
-    wide, narrow = modeling.cooccurrence_embeddings(catalog, 32, 8), modeling.cooccurrence_embeddings(catalog, 8, 8)
+    wide, narrow = cooc.cooccurrence_embeddings(catalog, 32, 8), cooc.cooccurrence_embeddings(catalog, 8, 8)
     assert read == ["train"] and wide.shape == (catalog.n_items, 32) and narrow.shape == (catalog.n_items, 8)
     assert torch.allclose(narrow, wide[:, :8] / wide[:, :8].norm(dim=1, keepdim=True), atol=1e-5)
     assert torch.allclose(wide.norm(dim=1), torch.ones(catalog.n_items), atol=1e-5)
@@ -545,16 +404,16 @@ def test_cooc_init_sets_the_whole_title_tokens_and_nothing_else(monkeypatch):
     times the norm, in the tied embedding (so in the LM head too); every other token keeps its random row;
     the build's option is checked before anything is built."""
     catalog = di.load_catalog("lastfm")
-    tok = modeling.build_tiny_tokenizer(catalog, 2000, True)
+    tok = tiny_build.build_tiny_tokenizer(catalog, 2000, True)
     torch.manual_seed(0)
-    model = modeling.new_tiny_llama(tok, {**modeling.TINY_DEFAULTS, **SMALL})
+    model = tiny_build.new_tiny_llama(tok, {**tiny_build.TINY_DEFAULTS, **SMALL})
     before = model.get_input_embeddings().weight.detach().clone()
     fake = torch.randn(catalog.n_items, before.shape[1])
-    monkeypatch.setattr(modeling, "cooccurrence_embeddings", lambda cat, dim, window: fake[:, :dim])
-    n = modeling.init_item_embeddings(model, tok, catalog, 8, 2.5)
+    monkeypatch.setattr(cooc, "cooccurrence_embeddings", lambda cat, dim, window: fake[:, :dim])
+    n = cooc.init_item_embeddings(model, tok, catalog, 8, 2.5)
     after = model.get_input_embeddings().weight.detach()
     assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()  # tied
-    first = modeling.answer_first_tokens(tok, catalog)
+    first = tokens.answer_first_tokens(tok, catalog)
     single = [i for i in range(catalog.n_items) if first.count(first[i]) == 1
               and len(tok(di.answer_text(catalog, i), add_special_tokens=False)["input_ids"]) == 1]
     assert n == len(single) > 0.99 * catalog.n_items
@@ -564,5 +423,37 @@ def test_cooc_init_sets_the_whole_title_tokens_and_nothing_else(monkeypatch):
     untouched[rows] = False
     assert torch.equal(after[untouched], before[untouched]) and untouched.sum() > 1000  # BPE pieces, specials
     for bad in ({"pretrain_embed_init": "svd"}, {"pretrain_embed_window": 0}, {"pretrain_embed_rms": -1.0}):
-        with pytest.raises(modeling.ModelError, match=next(iter(bad))):
-            modeling.build_tiny("lastfm", "/nonexistent", **{**SMALL, **bad})
+        with pytest.raises(ModelError, match=next(iter(bad))):
+            tiny_build.build_tiny("lastfm", "/nonexistent", **{**SMALL, **bad})
+
+
+def test_small_dataset_build_learns_the_list_and_sft_answers_from_it(tmp_path):
+    """A new dataset of 1,000 train rows (LastFM's first, ~23 users, ~60 windows an epoch): the floor of list
+    prompts (pretrain_list_min, 1,000 an epoch where the recall share gives ~25) gives the build its list skill
+    whatever the domain data's size; without it the build ran 9 steps and its probe was 0.000. The default
+    recipe at the tests' model size (SMALL's shape and learning rate, no step cap): probe >= 0.9 (here 0.97), and
+    after SFT on the 1,000 rows the generated answers are candidates (ValidRatio >= 0.9; here 0.98 on 50 rows;
+    the default size: 0.981 and 1.000 on 400 rows)."""
+    import shutil
+
+    import inference
+    import sft
+
+    data = tmp_path / "data"
+    data.mkdir()
+    src = Path(__file__).resolve().parents[1] / "data" / "lastfm"
+    for name in ("id2name.txt", "val.jsonl", "test.jsonl"):
+        shutil.copy(src / name, data)
+    (data / "train.jsonl").write_text("".join((src / "train.jsonl").read_text().splitlines(True)[:1000]))
+    shape = {k: SMALL[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                                   "intermediate_size", "pretrain_lr", "probe_rows")}
+    model = tiny_build.build_tiny(data, tmp_path / "model", **shape)
+    info = json.loads((model / "napo_build.json").read_text())
+    floor = tiny_build.TINY_DEFAULTS["pretrain_list_min"]
+    assert info["pretrain_profile"]["steps"] >= 3 * floor // pretrain_data.PRETRAIN_BATCH
+    assert info["list_recall_probe"]["p_answer_in_list"] >= 0.9, info["list_recall_probe"]
+    assert tiny_build.tiny_name(data, **shape) != tiny_build.tiny_name(data, **shape, pretrain_list_min=None)
+    adapter = sft.main(base_model=str(model), dataset=str(data), output_dir=str(tmp_path / "sft"))
+    result = inference.main(base_model=str(model), dataset=str(data), adapter=adapter, max_test_samples=50,
+                            output_dir=str(tmp_path / "eval"), ranking=False, constrained=False, progress=False)
+    assert result["generative"]["valid_ratio"] >= 0.9, result["generative"]

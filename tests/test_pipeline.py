@@ -9,6 +9,8 @@ import pytest
 
 import data_interface as di
 import modeling
+import tiny_build
+import tokens
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -17,12 +19,12 @@ def test_builder_is_deterministic(tmp_path):
     """Same options -> the same weights and tokenizer, byte for byte (state hash), pretraining included."""
     opts = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
                 intermediate_size=64, pretrain_epochs=1, pretrain_max_steps=3)
-    a = modeling.build_tiny("lastfm", tmp_path / "a", **opts)
-    b = modeling.build_tiny("lastfm", tmp_path / "b", **opts)
+    a = tiny_build.build_tiny("lastfm", tmp_path / "a", **opts)
+    b = tiny_build.build_tiny("lastfm", tmp_path / "b", **opts)
     ia, ib = (json.loads((p / "napo_build.json").read_text()) for p in (a, b))
     assert ia["state_sha256"] == ib["state_sha256"]
     assert (a / "tokenizer.json").read_bytes() == (b / "tokenizer.json").read_bytes()
-    c = modeling.build_tiny("lastfm", tmp_path / "c", **{**opts, "seed": 1})
+    c = tiny_build.build_tiny("lastfm", tmp_path / "c", **{**opts, "seed": 1})
     assert json.loads((c / "napo_build.json").read_text())["state_sha256"] != ia["state_sha256"]
 
 
@@ -32,19 +34,19 @@ def test_tokenizer_item_tokens_and_bpe(small_model, small_bpe_model):
     bpe = modeling.load_tokenizer(small_bpe_model)
     row = di.eval_rows(cat, "test", "clean", max_samples=1)[0]
     answers = [di.answer_text(cat, c) for c in row["candidate_ids"]]
-    p1, a1 = modeling.encode_prompt_answers(tok, row["prompt"], answers)
-    p2, a2 = modeling.encode_prompt_answers(bpe, row["prompt"], answers)
+    p1, a1 = tokens.encode_prompt_answers(tok, row["prompt"], answers)
+    p2, a2 = tokens.encode_prompt_answers(bpe, row["prompt"], answers)
     # item tokens: every title is one token + EOS; BPE: titles span several tokens
     assert all(len(a) == 2 for a in a1)
     assert max(len(a) for a in a2) > 3
     for ids, a in zip(a2, answers):
-        assert modeling.decode(bpe, ids).strip() == a.strip() and ids[-1] == bpe.eos_token_id
+        assert tokens.decode(bpe, ids).strip() == a.strip() and ids[-1] == bpe.eos_token_id
     # prompts and answers round-trip through both tokenizers, non-ASCII titles included
-    assert modeling.decode(tok, p1) == row["prompt"] and modeling.decode(bpe, p2) == row["prompt"]
+    assert tokens.decode(tok, p1) == row["prompt"] and tokens.decode(bpe, p2) == row["prompt"]
     for title in ("Björk", "倖田來未", 'Lee "Scratch" Perry', "Mötley Crüe"):
         for t in (tok, bpe):
-            _, (ids,) = modeling.encode_prompt_answers(t, row["prompt"], [" " + title])
-            assert modeling.decode(t, ids).strip() == title
+            _, (ids,) = tokens.encode_prompt_answers(t, row["prompt"], [" " + title])
+            assert tokens.decode(t, ids).strip() == title
 
 
 def test_colon_space_tokenizes_an_answer_as_the_listed_title():
@@ -57,35 +59,35 @@ def test_colon_space_tokenizes_an_answer_as_the_listed_title():
     def verbatim(tok, skip):
         hits = total = 0
         for r in rows:
-            p, answers = modeling.encode_prompt_answers(tok, r["prompt"], [di.answer_text(cat, c) for c in r["candidate_ids"]])
-            assert modeling.decode(tok, p) == r["prompt"]  # the prompt still round-trips
+            p, answers = tokens.encode_prompt_answers(tok, r["prompt"], [di.answer_text(cat, c) for c in r["candidate_ids"]])
+            assert tokens.decode(tok, p) == r["prompt"]  # the prompt still round-trips
             flat = "," + ",".join(map(str, p)) + ","
             for a in answers:
                 total += 1
                 hits += ("," + ",".join(map(str, a[skip:-1])) + ",") in flat
         return hits / total
 
-    spaced = modeling.build_tiny_tokenizer(cat, 2000, item_tokens=False, colon_space=True)
-    _, (a,) = modeling.encode_prompt_answers(spaced, "Answer:", [" Robert Miles"])
+    spaced = tiny_build.build_tiny_tokenizer(cat, 2000, item_tokens=False, colon_space=True)
+    _, (a,) = tokens.encode_prompt_answers(spaced, "Answer:", [" Robert Miles"])
     assert spaced.convert_ids_to_tokens(a[:2]) == ["Ġ", "Robert"]
     assert verbatim(spaced, 1) >= 0.98
     # the build's list loss chooses the answer after the space every answer starts with, at the title's first piece
-    assert spaced.convert_ids_to_tokens(modeling.answer_prefix(spaced, cat)) == ["Ġ"]
-    first = modeling.answer_first_tokens(spaced, cat)
+    assert spaced.convert_ids_to_tokens(tokens.answer_prefix(spaced, cat)) == ["Ġ"]
+    first = tokens.answer_first_tokens(spaced, cat)
     robert = cat.names.index("Robert Miles")
     assert spaced.convert_ids_to_tokens([first[robert]]) == ["Robert"] and len(set(first)) > 100
-    item_tok = modeling.build_tiny_tokenizer(cat, 2000, item_tokens=True)
-    assert modeling.answer_prefix(item_tok, cat) == []  # whole-title tokens absorb the space
-    assert verbatim(modeling.build_tiny_tokenizer(cat, 2000, item_tokens=False), 0) < 0.1
+    item_tok = tiny_build.build_tiny_tokenizer(cat, 2000, item_tokens=True)
+    assert tokens.answer_prefix(item_tok, cat) == []  # whole-title tokens absorb the space
+    assert verbatim(tiny_build.build_tiny_tokenizer(cat, 2000, item_tokens=False), 0) < 0.1
 
 
 def test_cache_is_built_once_and_atomic(tmp_path, monkeypatch):
     monkeypatch.setenv("NAPO_CACHE", str(tmp_path))
     opts = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
                 intermediate_size=64, pretrain_epochs=0)
-    p1 = modeling.tiny_path("lastfm", **opts)
+    p1 = tiny_build.tiny_path("lastfm", **opts)
     mtime = (p1 / "model.safetensors").stat().st_mtime_ns
-    p2 = modeling.tiny_path("lastfm", **opts)
+    p2 = tiny_build.tiny_path("lastfm", **opts)
     assert p1 == p2 and (p2 / "model.safetensors").stat().st_mtime_ns == mtime
     assert not [p for p in (tmp_path / "models").iterdir() if ".tmp" in p.name]
 

@@ -11,6 +11,7 @@ import torch
 import data_interface as di
 import modeling
 import scoring
+import tokens
 
 REPO = Path(__file__).resolve().parents[1]
 N_TRAIN = 48
@@ -34,7 +35,7 @@ def reward_accuracy_on(model_dir, adapter, rows):
     """Share of rows whose positive log-prob beats every negative's (reference-free rewards, beta > 0)."""
     model, tok, _ = modeling.load_base_model(model_dir)
     model = modeling.load_adapter(model, adapter).eval()
-    enc = [modeling.encode_prompt_answers(tok, r["prompt"], [r["chosen"]] + r["rejected"]) for r in rows]
+    enc = [tokens.encode_prompt_answers(tok, r["prompt"], [r["chosen"]] + r["rejected"]) for r in rows]
     with torch.no_grad():
         lp = scoring.answer_logps(model, [p for p, _ in enc], [a for _, a in enc], pad_token_id=tok.pad_token_id)
     return (lp[:, 0] > lp[:, 1:].max(1).values).float().mean().item()

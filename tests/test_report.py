@@ -48,20 +48,16 @@ def test_inference_table_uses_the_renderer():
 
 
 def test_committed_results_regenerate(tmp_path):
-    """results/results.md and the README's results section come back byte for byte from summary.json."""
+    """results/results.md and the results page docs/results.md come back byte for byte from the committed
+    summaries (but for the figure links, relative to the page's folder, here a temporary one)."""
     summary = json.loads((REPO / "results" / "summary.json").read_text())
     assert report.results_markdown(summary, list(reproduce.METHODS)) == (REPO / "results" / "results.md").read_text()
-    readme = tmp_path / "README.md"
-    committed = (REPO / "README.md").read_text()
-    readme.write_text(committed)
-    reproduce.readme(readme_path=str(readme), results_dir=str(REPO / "results"), assets_dir=str(REPO / "assets"))
-    regenerated = readme.read_text()
-    # the same text, but for the figure links: relative to the README's folder, here a temporary one
-    section = lambda text: [ln for ln in text.split(report.START)[1].split(report.END)[0].splitlines()  # noqa: E731
-                            if not ln.startswith("![")]
-    assert section(regenerated) == section(committed) and regenerated.count("\n![") == committed.count("\n![")
-    assert regenerated.split(report.START)[0] == committed.split(report.START)[0]
-    assert regenerated.split(report.END)[1] == committed.split(report.END)[1]
+    page = tmp_path / "results.md"
+    reproduce.readme(readme_path=str(page), results_dir=str(REPO / "results"), assets_dir=str(REPO / "assets"))
+    committed = (REPO / "docs" / "results.md").read_text()
+    regenerated = page.read_text()
+    lines = lambda text: [ln for ln in text.splitlines() if not ln.startswith("![")]  # noqa: E731
+    assert lines(regenerated) == lines(committed) and regenerated.count("\n![") == committed.count("\n![")
 
 
 def _predictions(folder, method, hits, rows_file=False):
@@ -279,3 +275,33 @@ def test_main_methods_both_metrics_both_protocols():
                         "gen HR@1 `sdpo` | ValidRatio `sdpo` |")
     assert lines[2:] == ["| SFT continued (`sft_cont`) | 0.5000 | 0.2500 | 0.7500 | 0.6250 | 0.1250 | 1.0000 |"]
     assert report.main_metrics_table({**summary, "methods": {"dpo": summary["methods"]["dpo"]}}) is None
+
+
+def test_knob_table_compares_each_knob_with_sft_continued(tmp_path):
+    """report.knob_table: each knob row against SFT continued row by row (pooled over seeds), with its metrics
+    (mean over seeds) and candidate mass; the head-to-head pairs; None without knob rows."""
+    s0, s1 = _two_seeds(tmp_path)
+    _generated(Path(s0["out"]), "knob_sft_cont", [1, 0, 0, 1])
+    _generated(Path(s0["out"]), "knob_start", [1, 0, 0, 1])           # the identity point: the same rows right
+    _generated(Path(s0["out"]), "knob_beta0.1", [1, 1, None, 1])      # one more hit, one invalid answer
+    _generated(Path(s1["records"]), "knob_sft_cont", [0, 0, 1, 1], rows_file=True)
+    _generated(Path(s1["records"]), "knob_beta0.1", [1, 0, 1, 1], rows_file=True)
+    ev = lambda hr, mass: {"clean": {"ranking": {"hr@1": hr}, "generative": {"hr@1": hr, "valid_ratio": 1.0},  # noqa: E731
+                                     "candidate_mass": {"mean": mass}, "n_seeds": 2}}
+    methods = {m: {"label": m, "group": "knobs", "eval": ev(hr, mass), "eval_std": {}, "stages": {}}
+               for m, hr, mass in (("knob_sft_cont", 0.5, 0.99), ("knob_start", 0.5, 0.98), ("knob_beta0.1", 0.75, 0.9))}
+    summary = {"settings": {**s0, "seeds": [0, 1], "base_model": "tiny", "sft_rows": 8, "pref_rows": 4,
+                            "test_rows": 4, "quick": False}, "seed_runs": [s0, s1], "methods": methods,
+               "total_seconds": 0, "primary_metric": "ranking.hr@1", "protocols": ["clean", "sdpo"]}
+    eff = report.knob_effects(summary)
+    assert set(eff) == {"knob_start", "knob_beta0.1"}
+    assert eff["knob_start"]["hit"]["diff"] == 0 and eff["knob_start"]["hit"]["n"] == 4  # seed 1 did not run it
+    # knob_beta0.1 − control, ranking (every row's top-1 is the target there, so 'hit' = 1 for all): 0 everywhere;
+    # generative: seed 0 +1 (row 1; row 2's invalid answer misses like the control's), seed 1 +1 (row 0): +2/8
+    assert eff["knob_beta0.1"]["gen_hit"]["diff"] == pytest.approx(2 / 8)
+    assert eff["knob_beta0.1"]["valid"]["diff"] == pytest.approx(-1 / 8)
+    table = report.knob_table(summary)
+    assert "| knob_beta0.1 (`knob_beta0.1`) | 2 | 0.7500 |" in table and "| 0.9000 |" in table
+    assert "Bonferroni correction for the 2 comparisons" in table
+    assert "knob_start" in report.knob_pairs_table(summary)
+    assert report.knob_table({**summary, "methods": {}}) is None

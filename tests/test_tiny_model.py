@@ -10,6 +10,9 @@ import inference
 import modeling
 import scoring
 import tiny_model
+import pretrain_data
+import tiny_build
+import tokens
 
 
 @pytest.fixture(scope="module", params=[(False, False, False), (True, False, False), (True, True, False),
@@ -19,20 +22,20 @@ def small(request):
     """A small random napo_tiny whose votes are strong (bias +2, lift e^2), so any path that mishandles
     them shows; without and with the next-token votes (copy_next), those only from continuations of
     the query's own token (copy_next_match), and along the list's entries (copy_open_ids / copy_close_ids /
-    copy_start_ids: modeling.list_delimiters)."""
+    copy_start_ids: tokens.list_delimiters)."""
     torch.manual_seed(0)
     catalog = di.load_catalog("lastfm")
-    tok = modeling.build_tiny_tokenizer(catalog, 2000, True)
+    tok = tiny_build.build_tiny_tokenizer(catalog, 2000, True)
     cfg = tiny_model.TinyCopyConfig(
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=4, tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, copy_bias=2.0, copy_log_scale=2.0,
         copy_next=request.param[0], copy_next_match=request.param[1],
         **dict(zip(("copy_open_ids", "copy_close_ids", "copy_start_ids"),
-                   modeling.list_delimiters(tok) if request.param[2] else ())))
+                   tokens.list_delimiters(tok) if request.param[2] else ())))
     model = tiny_model.TinyCopyForCausalLM(cfg).eval()
     rng = random.Random(0)
-    prompts = [modeling.list_prompt(catalog, rng) for _ in range(3)]
+    prompts = [pretrain_data.list_prompt(catalog, rng) for _ in range(3)]
     return model, tok, catalog, prompts
 
 
@@ -105,14 +108,14 @@ def test_cached_greedy_decoding_equals_full_forwards(small):
                 break
             seq.append(t)
             x = torch.cat([x, torch.tensor([[t]])], 1)
-        assert out == modeling.decode(tok, seq).strip()
+        assert out == tokens.decode(tok, seq).strip()
 
 
 def test_shared_prompt_scoring_equals_one_row_per_answer(small):
     """scoring.answer_logps packs 20+ answers behind one prompt with a 4-D mask: the copy head must see
     exactly what each answer sees (votes from another answer's tokens would change the scores)."""
     model, tok, catalog, prompts = small
-    p_ids, a_ids = zip(*[modeling.encode_prompt_answers(tok, p, [di.answer_text(catalog, i) for i in c[:6]])
+    p_ids, a_ids = zip(*[tokens.encode_prompt_answers(tok, p, [di.answer_text(catalog, i) for i in c[:6]])
                          for p, c, _ in prompts])
     shared = scoring.answer_logps(model, list(p_ids), list(a_ids), pad_token_id=tok.pad_token_id)
     naive = scoring.answer_logps(model, list(p_ids), list(a_ids), pad_token_id=tok.pad_token_id, shared=False)
