@@ -640,6 +640,35 @@ def knob_pairs_table(summary) -> str | None:
     return markdown_table(["a", "b", "seeds", "rank HR@1: a − b ± 95% CI", "detectable", "a better than b"], rows)
 
 
+HEADLINE = [("sft", "SFT"), ("knob_sft_cont", "SFT continued"), ("knob_start", "S-DPO, K=19, ref.-free, β=1"),
+            ("knob_dpo", "DPO"), ("knob_sdpo_ref", "S-DPO, K=3, reference"), ("knob_k3", "S-DPO, K=3, ref.-free"),
+            ("knob_napo", "NAPO (defaults)")]
+
+
+def headline_table(regimes: list[tuple[str, dict]]) -> str | None:
+    """The README's headline: the main chain of the knob study (HEADLINE, all at one learning rate and budget)
+    in each regime (name, summary): ranking HR@1 (mean ± sd over seeds), its paired difference from SFT
+    continued, and ValidRatio. None without runs."""
+    regimes = [(name, s) for name, s in regimes if s and knob_effects(s)]
+    if not regimes:
+        return None
+    head = ["method"] + [h for name, _ in regimes for h in (f"`{name}` rank HR@1", "− SFT continued", "ValidRatio")]
+    rows = []
+    for m, label in HEADLINE:
+        cells = [label]
+        for _, s in regimes:
+            p = knob_effects(s).get(m, {}).get("hit")
+            ok = m in s["methods"] and s["methods"][m]["eval"].get("clean")
+            cells += [_mean_sd(s, m, "ranking", "hr@1") if ok else "",
+                      f"{_signed(p['diff'], '{:.4f}')} ± {p['halfwidth']:.4f}" if p else "",
+                      cell(metric(s, m, "clean", "generative", "valid_ratio")) if ok else ""]
+        rows.append(cells)
+    seeds = {n: max((get(s["methods"].get(m, {}), "eval", "clean", "n_seeds") or 0) for m, _ in HEADLINE)
+             for n, s in regimes}
+    return markdown_table(head, rows) + "\n\n" + "; ".join(f"`{n}`: {k} seed{'s' if k != 1 else ''}"
+                                                            for n, k in seeds.items())
+
+
 def knob_seconds(summary) -> float | None:
     """The knob study's wall time: every knob row's stages, summed over the seeds."""
     secs = [v["seconds"] for m in knob_rows(summary) for v in summary["methods"][m]["stages"].values()

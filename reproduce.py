@@ -820,6 +820,13 @@ def results_page(summary: dict, results: Path, assets: Path, page_dir: Path, sou
              f"({', '.join(f'`{f}`' for f in sources)}); "
              "do not edit by hand. docs/method.md explains the knob study; every stage's record under "
              "`results/**/records/` names the build (`base`) and the command._"]
+    regimes = [(_read_json(REPO_DIR / f / "summary.json") or {}).get("settings", {}).get("base_model", f)
+               for f, _, _ in KNOB_RUNS]
+    headline = R.headline_table([(name, summary if (REPO_DIR / f).resolve() == results.resolve()
+                                  else _read_json(REPO_DIR / f / "summary.json")) for name, (f, _, _) in
+                                 zip(regimes, KNOB_RUNS)])
+    if headline:
+        parts.append("## Headline: the main methods at one learning rate and budget\n\n" + headline)
     for folder, heading, command in KNOB_RUNS:
         knob = summary if (REPO_DIR / folder).resolve() == results.resolve() else \
             _read_json(REPO_DIR / folder / "summary.json")

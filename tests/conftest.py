@@ -7,6 +7,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n 2`: one torch thread per worker, so 2 workers share 2
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"  # cores without oversubscribing them
 import cache  # noqa: E402,F401  (the offline environment, before any test imports transformers)
 
 # Tests build small models from the dataset in about a minute (a 150-step pretraining, list prompts as often

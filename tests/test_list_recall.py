@@ -385,14 +385,30 @@ def test_spectral_embeddings_factor_the_ppmi():
     assert torch.allclose(raw.abs(), (u[:, -2:].flip(1) * lam[-2:].flip(0).sqrt()).abs(), atol=1e-5)
 
 
-def test_cooccurrence_embeddings_read_the_train_split_once(monkeypatch):
+def _small_dataset(folder, n_items=64, users=40, seed=0):
+    """A dataset folder laid out like data/lastfm with `n_items` items and `users` random listening sequences
+    (one train row per listened item after the first, histories right-padded with the padding id n_items)."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "id2name.txt").write_text("".join(f"{i}::Artist {i}\n" for i in range(n_items)))
+    rows = []
+    for _ in range(users):
+        s = rng.sample(range(n_items), rng.randint(4, 12))
+        for i in range(len(s)):
+            hist = s[max(0, i - 10):i]
+            rows.append({"seq": hist + [n_items] * (10 - len(hist)), "len_seq": len(hist), "next": s[i]})
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def test_cooccurrence_embeddings_read_the_train_split_once(monkeypatch, tmp_path):
     """cooccurrence_embeddings reads the train split only, once per process and dataset for every width
     (the eigendecomposition is shared), and a narrower width is the wider one's leading directions."""
     read, real = [], pretrain_data.user_sequences
     monkeypatch.setattr(pretrain_data, "user_sequences",
                         lambda catalog, split="train": read.append(split) or real(catalog, split))
     monkeypatch.setattr(cooc, "_COOC_CACHE", {})
-    catalog = di.load_catalog("lastfm")
+    catalog = di.load_catalog(_small_dataset(tmp_path / "ds"))
     wide, narrow = cooc.cooccurrence_embeddings(catalog, 32, 8), cooc.cooccurrence_embeddings(catalog, 8, 8)
     assert read == ["train"] and wide.shape == (catalog.n_items, 32) and narrow.shape == (catalog.n_items, 8)
     assert torch.allclose(narrow, wide[:, :8] / wide[:, :8].norm(dim=1, keepdim=True), atol=1e-5)
