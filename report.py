@@ -923,3 +923,12 @@ def extra_run_section(summary, heading: str, command: str, source: str) -> str:
         parts.append(f"- **{c['claim']}: {c['verdict']}.** {c['evidence']}.")
     parts.append(time_table(summary))
     return "\n\n".join(parts)
+
+
+def replace_between(text: str, markers: tuple[str, str], body: str) -> str | None:
+    """`text` with what stands between the two markers replaced by `body`; None without both markers in order."""
+    start, end = markers
+    if not (start in text and end in text and text.index(start) < text.index(end)):
+        return None
+    head, rest = text.split(start, 1)
+    return f"{head}{start}\n{body}\n{end}{rest.split(end, 1)[1]}"

@@ -810,6 +810,16 @@ KNOB_RUNS = [
      "    --out results/runs_nocopy --results_dir results/nocopy --plots False"),
 ]
 RESULTS_PAGE = "docs/results.md"
+HEADLINE_MARKERS = ("<!-- headline:start -->", "<!-- headline:end -->")  # in README.md
+
+
+def knob_regimes(summary: dict, results: Path) -> list[tuple[str, dict | None]]:
+    """(base model, summary) of each KNOB_RUNS folder; `summary` stands for the one in `results`."""
+    out = []
+    for folder, _, _ in KNOB_RUNS:
+        s = summary if (REPO_DIR / folder).resolve() == results.resolve() else _read_json(REPO_DIR / folder / "summary.json")
+        out.append(((s or {}).get("settings", {}).get("base_model", folder), s))
+    return out
 
 
 def results_page(summary: dict, results: Path, assets: Path, page_dir: Path, source: str) -> str:
@@ -820,11 +830,7 @@ def results_page(summary: dict, results: Path, assets: Path, page_dir: Path, sou
              f"({', '.join(f'`{f}`' for f in sources)}); "
              "do not edit by hand. docs/method.md explains the knob study; every stage's record under "
              "`results/**/records/` names the build (`base`) and the command._"]
-    regimes = [(_read_json(REPO_DIR / f / "summary.json") or {}).get("settings", {}).get("base_model", f)
-               for f, _, _ in KNOB_RUNS]
-    headline = R.headline_table([(name, summary if (REPO_DIR / f).resolve() == results.resolve()
-                                  else _read_json(REPO_DIR / f / "summary.json")) for name, (f, _, _) in
-                                 zip(regimes, KNOB_RUNS)])
+    headline = R.headline_table(knob_regimes(summary, results))
     if headline:
         parts.append("## Headline: the main methods at one learning rate and budget\n\n" + headline)
     for folder, heading, command in KNOB_RUNS:
@@ -860,6 +866,14 @@ def readme(readme_path: str = None, results_dir: str = None, assets_dir: str = N
         results / "results_page.md" if quick else REPO_DIR / RESULTS_PAGE)
     cache.atomic_write_text(target, results_page(summary, results, assets, target.parent, source))
     print(f"wrote {_rel(target)}")
+    if not quick and not readme_path:  # the README's headline table, between its markers, from the same summaries
+        headline = R.headline_table(knob_regimes(summary, results))
+        readme_file = REPO_DIR / "README.md"
+        text = readme_file.read_text() if readme_file.exists() else ""
+        new = R.replace_between(text, HEADLINE_MARKERS, headline) if headline else None
+        if new is not None and new != text:
+            cache.atomic_write_text(readme_file, new)
+            print("updated the headline table of README.md")
     return str(target)
 
 

@@ -58,6 +58,11 @@ def test_committed_results_regenerate(tmp_path):
     regenerated = page.read_text()
     lines = lambda text: [ln for ln in text.splitlines() if not ln.startswith("![")]  # noqa: E731
     assert lines(regenerated) == lines(committed) and regenerated.count("\n![") == committed.count("\n![")
+    # the README's headline table is the same summaries' (between its markers)
+    readme = (REPO / "README.md").read_text()
+    start, end = reproduce.HEADLINE_MARKERS
+    headline = report.headline_table(reproduce.knob_regimes(summary, REPO / "results"))
+    assert readme.split(start)[1].split(end)[0].strip() == (headline or "").strip()
 
 
 def _predictions(folder, method, hits, rows_file=False):
