@@ -257,7 +257,7 @@ def plot_gamma_spread(summary, path="assets/results_gamma.png"):
 def plot_knobs(summary, path="assets/results_knobs.png"):
     """The knob study: each knob row's paired ranking HR@1 difference against SFT continued (report.knob_effects,
     pooled over seeds and rows) with its 95% CI, one bar per knob; None without knob runs."""
-    from report import knob_effects
+    from results_page import knob_effects
 
     effects = knob_effects(summary)
     if not effects:

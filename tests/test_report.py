@@ -9,6 +9,7 @@ import pytest
 import inference
 import report
 import reproduce
+import results_page
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,8 +61,8 @@ def test_committed_results_regenerate(tmp_path):
     assert lines(regenerated) == lines(committed) and regenerated.count("\n![") == committed.count("\n![")
     # the README's headline table is the same summaries' (between its markers)
     readme = (REPO / "README.md").read_text()
-    start, end = reproduce.HEADLINE_MARKERS
-    headline = report.headline_table(reproduce.knob_regimes(summary, REPO / "results"))
+    start, end = results_page.HEADLINE_MARKERS
+    headline = results_page.headline_table(results_page.knob_regimes(summary, REPO / "results"))
     assert readme.split(start)[1].split(end)[0].strip() == (headline or "").strip()
 
 
@@ -283,7 +284,7 @@ def test_main_methods_both_metrics_both_protocols():
 
 
 def test_knob_table_compares_each_knob_with_sft_continued(tmp_path):
-    """report.knob_table: each knob row against SFT continued row by row (pooled over seeds), with its metrics
+    """results_page.knob_table: each knob row against SFT continued row by row (pooled over seeds), with its metrics
     (mean over seeds) and candidate mass; the head-to-head pairs; None without knob rows."""
     s0, s1 = _two_seeds(tmp_path)
     _generated(Path(s0["out"]), "knob_sft_cont", [1, 0, 0, 1])
@@ -298,15 +299,15 @@ def test_knob_table_compares_each_knob_with_sft_continued(tmp_path):
     summary = {"settings": {**s0, "seeds": [0, 1], "base_model": "tiny", "sft_rows": 8, "pref_rows": 4,
                             "test_rows": 4, "quick": False}, "seed_runs": [s0, s1], "methods": methods,
                "total_seconds": 0, "primary_metric": "ranking.hr@1", "protocols": ["clean", "sdpo"]}
-    eff = report.knob_effects(summary)
+    eff = results_page.knob_effects(summary)
     assert set(eff) == {"knob_start", "knob_beta0.1"}
     assert eff["knob_start"]["hit"]["diff"] == 0 and eff["knob_start"]["hit"]["n"] == 4  # seed 1 did not run it
     # knob_beta0.1 − control, ranking (every row's top-1 is the target there, so 'hit' = 1 for all): 0 everywhere;
     # generative: seed 0 +1 (row 1; row 2's invalid answer misses like the control's), seed 1 +1 (row 0): +2/8
     assert eff["knob_beta0.1"]["gen_hit"]["diff"] == pytest.approx(2 / 8)
     assert eff["knob_beta0.1"]["valid"]["diff"] == pytest.approx(-1 / 8)
-    table = report.knob_table(summary)
+    table = results_page.knob_table(summary)
     assert "| knob_beta0.1 (`knob_beta0.1`) | 2 | 0.7500 |" in table and "| 0.9000 |" in table
     assert "Bonferroni correction for the 2 comparisons" in table
-    assert "knob_start" in report.knob_pairs_table(summary)
-    assert report.knob_table({**summary, "methods": {}}) is None
+    assert "knob_start" in results_page.knob_pairs_table(summary)
+    assert results_page.knob_table({**summary, "methods": {}}) is None

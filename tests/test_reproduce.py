@@ -13,6 +13,7 @@ import collect
 import data_interface as di
 import report
 import reproduce
+import results_page
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("sft", "sdpo", "napo")
@@ -86,8 +87,8 @@ def test_results_page_is_generated_whole(quick_run, tmp_path, monkeypatch):
     root = quick_run["root"]
     dirs = dict(results_dir=str(root / "results"), assets_dir=str(root / "assets"))
     # a further run (another base model) is appended from its own results folder, with its command
-    monkeypatch.setattr(reproduce, "EXTRA_RUNS", [(str(root / "results"), "Another model", "bash other.sh")])
-    monkeypatch.setattr(reproduce, "KNOB_RUNS", [])
+    monkeypatch.setattr(results_page, "EXTRA_RUNS", [(str(root / "results"), "Another model", "bash other.sh")])
+    monkeypatch.setattr(results_page, "KNOB_RUNS", [])
     page = tmp_path / "docs" / "results.md"
     assert Path(reproduce.readme(readme_path=str(page), **dirs)) == page
     text = page.read_text()
