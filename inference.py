@@ -109,9 +109,6 @@ OPTIONS = [
 def main(o):
     """Evaluate a base model (+ a LoRA adapter) on the 20-candidate rows; writes OUTPUT_DIR/metrics.json and
     predictions.jsonl."""
-    import torch
-    from tqdm import tqdm
-
     adapter = cli.renamed(o.adapter, o.resume_from_checkpoint, "--resume_from_checkpoint", "--adapter")
     protocol, split, batch_size = o.protocol, o.split, o.batch_size
     # every input is checked before a model is loaded: options (cli.entry), the rows, the base model
@@ -136,33 +133,8 @@ def main(o):
     # holds the same rows, padded the same way, as with one process, so scores and greedy outputs are
     # computed identically and the merged metrics equal the one-process metrics exactly.
     batches = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)][rank::world]
-    preds = []
     t0 = time.time()
-    bar = tqdm(total=sum(map(len, batches)), desc=f"eval[{protocol}]", disable=not o.progress or rank != 0,
-               file=sys.stdout)
-    for batch in batches:
-        enc = [tokens.encode_prompt_answers(tokenizer, r["prompt"],
-                                              [di.answer_text(catalog, c) for c in r["candidate_ids"]])
-               for r in batch]
-        prompt_ids = [p for p, _ in enc]
-        recs = [{"index": r["index"], "target_id": r["target_id"], "candidate_ids": r["candidate_ids"]}
-                for r in batch]
-        if o.ranking:
-            with torch.no_grad():
-                s = scoring.answer_logps(model, prompt_ids, [a for _, a in enc], shared=o.scoring_mode == "shared",
-                                         pad_token_id=tokenizer.pad_token_id)
-            for rec, sc in zip(recs, s.float().cpu().tolist()):
-                rec["scores"] = sc
-        if o.generative:
-            for rec, out in zip(recs, generate(model, tokenizer, prompt_ids, o.max_new_tokens)):
-                rec["generated"] = out
-        if o.constrained:
-            tries = [CandidateTrie(a) for _, a in enc]
-            for rec, out in zip(recs, generate(model, tokenizer, prompt_ids, o.max_new_tokens, tries)):
-                rec["constrained"] = out
-        preds.extend(recs)
-        bar.update(len(batch))
-    bar.close()
+    preds = predict(model, tokenizer, catalog, batches, o, show=o.progress and rank == 0)
     elapsed = time.time() - t0
     if world > 1:
         import torch.distributed as dist
@@ -190,6 +162,38 @@ def main(o):
     print(metrics_table([(adapter or o.base_model, result)]))
     print(f"wrote {out / 'metrics.json'} and predictions.jsonl ({len(preds)} rows, {elapsed:.0f}s)")
     return result
+
+
+def predict(model, tokenizer, catalog, batches, o, show=True) -> list[dict]:
+    """Per row of `batches` (lists of eval rows): its candidates' summed answer log-probs (o.ranking; prefix-shared
+    or naive, o.scoring_mode), its free greedy output (o.generative) and its constrained one (o.constrained)."""
+    import torch
+    from tqdm import tqdm
+
+    preds = []
+    bar = tqdm(total=sum(map(len, batches)), desc=f"eval[{o.protocol}]", disable=not show, file=sys.stdout)
+    for batch in batches:
+        enc = [tokens.encode_prompt_answers(tokenizer, r["prompt"], [di.answer_text(catalog, c) for c in r["candidate_ids"]])
+               for r in batch]
+        prompt_ids = [p for p, _ in enc]
+        recs = [{"index": r["index"], "target_id": r["target_id"], "candidate_ids": r["candidate_ids"]} for r in batch]
+        if o.ranking:
+            with torch.no_grad():
+                s = scoring.answer_logps(model, prompt_ids, [a for _, a in enc], shared=o.scoring_mode == "shared",
+                                         pad_token_id=tokenizer.pad_token_id)
+            for rec, sc in zip(recs, s.float().cpu().tolist()):
+                rec["scores"] = sc
+        if o.generative:
+            for rec, out in zip(recs, generate(model, tokenizer, prompt_ids, o.max_new_tokens)):
+                rec["generated"] = out
+        if o.constrained:
+            tries = [CandidateTrie(a) for _, a in enc]
+            for rec, out in zip(recs, generate(model, tokenizer, prompt_ids, o.max_new_tokens, tries)):
+                rec["constrained"] = out
+        preds.extend(recs)
+        bar.update(len(batch))
+    bar.close()
+    return preds
 
 
 def summarise(catalog, preds, protocol, split) -> dict:
