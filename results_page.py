@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import cache
+from methods import METHODS
 from report import (FIGURES, _bonferroni_z, _diff_cell, _secs, _settings_and_missing, _settings_line, _signed,
                     cell, claims_text, gamma_table, generative_table, get, leak_text, main_metrics_table,
                     markdown_table, metric, paired, results_table, runs_of, time_table, variants_table, verdict_of)
@@ -213,12 +214,13 @@ EXTRA_RUNS = [
 
 # The knob study of each regime: (results folder, heading, the command that makes it).
 
+KNOBS = "sft," + ",".join(m for m in METHODS if m.startswith("knob_"))  # the SFT they start from, and every knob row
 KNOB_RUNS = [
     ("results", "The knob study on the default model (`tiny`: its probability sits on the 20 candidates)",
-     "bash reproduce.sh --methods sft,knob_sft_cont,knob_start,... --seeds 0,1,2   # every knob_* row of methods.py"),
+     f"bash reproduce.sh --seeds 0,1,2 --plots False --methods {KNOBS}"),
     ("results/nocopy", "The knob study where the identity breaks (`tiny-nocopy`: little probability on the list)",
-     "bash reproduce.sh --base_model tiny-nocopy --methods sft,knob_sft_cont,... --seeds 0,1,2 \\\n"
-     "    --out results/runs_nocopy --results_dir results/nocopy --plots False"),
+     f"bash reproduce.sh --seeds 0,1,2 --plots False --base_model tiny-nocopy --out results/runs_nocopy \\\n"
+     f"    --results_dir results/nocopy --methods {KNOBS}"),
 ]
 
 
