@@ -23,7 +23,6 @@ import scoring
 import tokens
 
 
-
 def right_padded(model, seqs: list[list[int]], pad_token_id):
     """(ids, attention mask, (rows, last real positions)) of token-id lists, right padded, on the model's device."""
     width = max(map(len, seqs))
@@ -37,7 +36,6 @@ def right_padded(model, seqs: list[list[int]], pad_token_id):
     return ids, mask, (torch.arange(len(seqs), device=device), mask.sum(1) - 1)
 
 
-
 def choice_logps(model, seqs: list[list[int]], choices, pad_token_id, renormalise=True) -> torch.Tensor:
     """(n, k) log-probs of the next token after each sequence at that row's k choice tokens (`choices`: (n, k)
     token ids), renormalised over them (one no-gradient forward, right padding, read at each row's last real
@@ -47,7 +45,6 @@ def choice_logps(model, seqs: list[list[int]], choices, pad_token_id, renormalis
         logits = model(input_ids=ids, attention_mask=mask).logits
     logp = logits[last].float().log_softmax(-1).gather(-1, torch.as_tensor(choices, device=ids.device))
     return logp.log_softmax(-1) if renormalise else logp
-
 
 
 def lm_head_logits(model, seqs: list[list[int]], choices, pad_token_id) -> torch.Tensor | None:
@@ -64,13 +61,11 @@ def lm_head_logits(model, seqs: list[list[int]], choices, pad_token_id) -> torch
         return core.lm_head(h).float().gather(-1, torch.as_tensor(choices, device=ids.device))
 
 
-
 def window_choice_logps(model, windows: list[list[int]], window_first: list[list[int]], pad_token_id) -> torch.Tensor:
     """(n, 20) log-probs over each prompt's candidates (renormalised) of the model's next title after the prompt's
     history written as a window (`windows`: token ids of `"A", "B"` + tokens.WINDOW_NEXT; `window_first`: the
     candidates' first tokens in that position, tokens.window_first_tokens)."""
     return choice_logps(model, windows, window_first, pad_token_id)
-
 
 
 def list_recall_probe(model, tokenizer, catalog, rows=500, seed=12345, batch_size=50) -> dict:
@@ -107,7 +102,6 @@ def list_recall_probe(model, tokenizer, catalog, rows=500, seed=12345, batch_siz
     model.train(was_training)
     return {"rows": rows, "p_answer_in_list": sum(p_in) / rows, "share_rows_p_ge_0.5": sum(p >= 0.5 for p in p_in) / rows,
             "p_answer_in_history": sum(p_hist) / rows, "top1_agrees_with_window": agree / rows}
-
 
 
 def window_ranking(model, tokenizer, catalog, rows: list[dict], batch_size=50) -> dict:

@@ -55,7 +55,6 @@ TRAINING = COMMON + [
 ]
 
 
-
 def training_precision_kwargs(info: dict | None = None) -> dict:
     """TRL configs default to bf16 + gradient checkpointing: right on CUDA (the authors' GPU setting), wrong
     on CPU (fp32 is faster there and bf16 raises). Paged AdamW (bitsandbytes) when the model is 4-bit on CUDA;
@@ -76,18 +75,14 @@ def training_precision_kwargs(info: dict | None = None) -> dict:
     return dict(bf16=False, dataloader_pin_memory=False, use_cpu=True, **{ckpt: False})
 
 
-
 TRAINING_FLAGS = ("output_dir", "batch_size", "gradient_accumulation_steps", "learning_rate", "cutoff_len",
                   "lr_scheduler_type", "warmup_ratio", "max_grad_norm", "logging_steps", "save_steps", "report_to",
                   "seed", "max_steps")
 
 
-
-
 def training_flags(options: dict) -> dict:
     """The keywords of training_args among a stage main()'s flags (its locals())."""
     return {k: options[k] for k in TRAINING_FLAGS if k in options}
-
 
 
 def training_args(info, *, output_dir, batch_size, gradient_accumulation_steps, learning_rate, cutoff_len,
@@ -110,7 +105,6 @@ def training_args(info, *, output_dir, batch_size, gradient_accumulation_steps, 
         **training_precision_kwargs(info), **extra)
 
 
-
 def base_record_callback(info: dict):
     """A TrainerCallback that writes the base-model record into every checkpoint-N the Trainer saves, so a
     checkpoint evaluated or resumed on another base model is refused like a final adapter."""
@@ -125,7 +119,6 @@ def base_record_callback(info: dict):
                 modeling.write_base_record(ckpt, record)
 
     return BaseRecord()
-
 
 
 def resolve_start(start_adapter, resume_from_checkpoint, output_dir) -> tuple[Path, str | None]:
@@ -173,7 +166,6 @@ def resolve_start(start_adapter, resume_from_checkpoint, output_dir) -> tuple[Pa
     return modeling.check_adapter(start_adapter, "--start_adapter"), ckpt
 
 
-
 def _last_checkpoint(output_dir) -> str:
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -181,7 +173,6 @@ def _last_checkpoint(output_dir) -> str:
     if ckpt is None:
         raise ModelError(f"--resume_from_checkpoint True: no checkpoint-N folder in {output_dir}")
     return ckpt
-
 
 
 def check_trainer_checkpoint(resume_from_checkpoint, output_dir, base=None) -> str:
@@ -214,7 +205,6 @@ def check_checkpoint_files(ckpt) -> None:
                              "--resume_from_checkpoint")
 
 
-
 def check_start(base_model, dataset, start_adapter, ckpt=None, what="--start_adapter") -> Path:
     """Before a stage loads anything: the start adapter (if any) and, when the run resumes, its checkpoint-N
     whole (their files) and recorded on this --base_model's build (by name, before it is built); then the base
@@ -233,12 +223,10 @@ def check_start(base_model, dataset, start_adapter, ckpt=None, what="--start_ada
     return base
 
 
-
 def record_start(output_dir, start_adapter, is_main=True):
     if is_main:
         cache.atomic_write_text(Path(output_dir) / "start.json",
                              json.dumps({"start_adapter": str(Path(start_adapter).resolve())}))
-
 
 
 def save_final(trainer, tokenizer, output_dir, run: dict) -> Path:
@@ -260,7 +248,6 @@ def save_final(trainer, tokenizer, output_dir, run: dict) -> Path:
         cache.write_folder(final, fill)
         print(f"saved adapter to {final}")
     return final
-
 
 
 def run_stage(trainer, tokenizer, output_dir, start_adapter, ckpt, run: dict) -> Path:
