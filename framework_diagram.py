@@ -298,7 +298,11 @@ def _draw_margin(ax, fig, x0, y0, w, h):
 
 
 def draw_framework(path="assets/framework.png"):
-    """Overview figure: the training / evaluation pipeline and NAPO's two mechanisms."""
+    """Overview figure: the training / evaluation pipeline and NAPO's two mechanisms.
+
+    Args:
+        path: the PNG file to write.
+    """
     _ensure_dir(path)
     fig = plt.figure(figsize=(14, 7), dpi=150, facecolor="white")
     ax = fig.add_axes([0, 0, 1, 1])

@@ -87,15 +87,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--precisions", default=",".join(PRECISIONS), help="comma list of: " + ", ".join(PRECISIONS))
     p.add_argument("--output", default="results/gpu_check.json", help="the JSON report")
     p.add_argument("--work_dir", default="output/gpu_check", help="adapters and evaluation files")
-    p.add_argument("--sft_steps", type=int, default=32)
-    p.add_argument("--dpo_steps", type=int, default=8)
-    p.add_argument("--napo_steps", type=int, default=16)
-    p.add_argument("--test_rows", type=int, default=200)
-    p.add_argument("--compare_rows", type=int, default=64)
+    p.add_argument("--sft_steps", type=int, default=32, help="SFT optimizer steps (batch 16)")
+    p.add_argument("--dpo_steps", type=int, default=8, help="DPO optimizer steps (batch 8)")
+    p.add_argument("--napo_steps", type=int, default=16, help="NAPO optimizer steps (batch 16, K=3, sharing + margin)")
+    p.add_argument("--test_rows", type=int, default=200, help="test rows of the inference stages")
+    p.add_argument("--compare_rows", type=int, default=64, help="test rows of the prefix-shared vs naive scoring check")
     p.add_argument("--tiny_pretrain_steps", type=int, default=300,
                    help="domain-pretraining steps of the embedded model built for the check (-1: the full "
                         "default build of --base_model tiny; it runs on the CPU)")
-    p.add_argument("--sasrec_time_budget_s", type=float, default=60.0)
+    p.add_argument("--sasrec_time_budget_s", type=float, default=60.0,
+                   help="seconds for training the SASRec behind NAPO's sharing and margin on the GPU")
     p.add_argument("--preflight", action="store_true", help="check the flags and CUDA, then exit")
     p.add_argument("--dry_run", action="store_true", help="stand-in stages, no torch, no GPU needed")
     args = p.parse_args(argv)

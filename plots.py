@@ -283,7 +283,12 @@ def plot_knobs(summary, path="assets/results_knobs.png"):
 def draw_results(summary="results/summary.json", assets="assets"):
     """The result figures (report.FIGURES) from a summary (a dict, or the path of a summary.json written by
     reproduce.py) into the folder `assets`; returns the paths drawn. A figure that fails is reported and
-    skipped: a plot must not lose the numbers."""
+    skipped: a plot must not lose the numbers.
+
+    Args:
+        summary: a summary.json written by reproduce.py (or its dict).
+        assets: the folder the figures go to.
+    """
     import json
 
     if not isinstance(summary, dict):

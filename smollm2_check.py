@@ -247,14 +247,14 @@ def stage_plan(o, work: Path) -> list[tuple[str, list, Path | None]]:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", default="output/smollm2_4bit", help="the stages' output folders")
-    ap.add_argument("--report", default="results/smollm2_4bit/report.json")
+    ap.add_argument("--report", default="results/smollm2_4bit/report.json", help="the JSON report (rewritten after every step)")
     ap.add_argument("--quantize", default="4bit", choices=["4bit", "none"], help="none: the same in fp32")
-    ap.add_argument("--sft_rows", type=int, default=64)
+    ap.add_argument("--sft_rows", type=int, default=64, help="SFT train rows")
     ap.add_argument("--pref_rows", type=int, default=32, help="rows of DPO, S-DPO and NAPO each")
-    ap.add_argument("--test_rows", type=int, default=32)
+    ap.add_argument("--test_rows", type=int, default=32, help="test rows of the inference stage")
     ap.add_argument("--scoring_rows", type=int, default=16, help="rows of the shared vs naive scoring check")
-    ap.add_argument("--batch_size", type=int, default=2)
-    ap.add_argument("--infer_batch", type=int, default=4)
+    ap.add_argument("--batch_size", type=int, default=2, help="per-device training batch")
+    ap.add_argument("--infer_batch", type=int, default=4, help="inference batch")
     return ap.parse_args(argv)
 
 

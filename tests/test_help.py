@@ -15,6 +15,7 @@ ENTRIES = {  # script -> its commands (None: the script's one function)
     "list_recall": {"probe": "probe", "window": "window"}, "tiny_build": {"build": "build"},
     "benchmark": {"training": "main", "build": "build"},
     "reproduce": {c: c for c in ("run", "sweep", "report", "readme", "commands", "baseline")},
+    "plots": {"results": "draw_results"}, "framework_diagram": {None: "draw_framework"},
 }
 
 
@@ -42,3 +43,22 @@ def test_help_prints_the_training_options_once_with_their_help():
     assert "--start_adapter" in text and "the LoRA adapter this stage starts from" in text
     assert "--beta" in text and "sigmoid" in text and "Default: 8" in text  # dpo's own batch size
     assert "GROUP" not in text and text.count("--learning_rate") == 1
+
+
+@pytest.mark.parametrize("script", ["gpu_check", "smollm2_check", "memory_estimate"])
+def test_argparse_scripts_have_a_line_of_help_for_every_flag(script, monkeypatch):
+    """The three argparse scripts: every flag of their parser carries a help text (`--help` prints it)."""
+    import argparse
+    import importlib
+
+    seen = {}
+
+    def grab(self, args=None, namespace=None):
+        seen["parser"] = self
+        raise SystemExit(0)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", grab)
+    with pytest.raises(SystemExit):
+        importlib.import_module(script).parse_args([])
+    flags = [a for a in seen["parser"]._actions if a.option_strings and a.dest != "help"]
+    assert flags and not [a.option_strings[-1] for a in flags if not (a.help or "").strip()]
