@@ -1,5 +1,6 @@
 """Reporting: from the numbers the runs wrote (a summary dict, as in results/summary.json) to statistics,
-per-claim verdicts, markdown tables, the results page (docs/results.md) and the list of result figures.
+per-claim verdicts, markdown tables (results_page.py assembles them into docs/results.md) and the list of result
+figures.
 
 It runs nothing: reproduce.py plans and runs the stages and collects their outputs into the summary, then
 calls these functions; plots.py draws the figures of FIGURES with the same metric getter (`metric`) and the
@@ -10,8 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-from pathlib import Path
 
 from cache import REPO_DIR  # noqa: E402
 Z95 = 1.96
@@ -604,7 +603,7 @@ def sweep_markdown(result) -> str:
         f"{s['pref_rows']}, validation rows {'all' if s['val_rows'] < 0 else s['val_rows']} (ranking HR@1 under "
         f"`clean`; the test split is never read).",
         f"Selection rule: {result['rule']}. The chosen settings (bold) are copied into `TUNED` of "
-        f"`reproduce.py` by hand (a test checks that they agree).",
+        f"`methods.py` by hand (a test checks that they agree).",
         "Family `start` is the SFT adapter every candidate starts from, evaluated the same way (no training): "
         "`vs start` is a candidate's difference from it.",
         markdown_table(["family", "candidate", "settings", "val rank HR@1", "vs start", "val rows"], rows,

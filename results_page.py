@@ -11,10 +11,11 @@ import os
 from pathlib import Path
 
 import cache
-from methods import METHODS
+from methods import METHODS, TUNED_SWEEP
 from report import (FIGURES, _bonferroni_z, _diff_cell, _secs, _settings_and_missing, _settings_line, _signed,
                     cell, claims_text, gamma_table, generative_table, get, leak_text, main_metrics_table,
-                    markdown_table, metric, paired, results_table, runs_of, time_table, variants_table, verdict_of)
+                    markdown_table, metric, paired, results_table, runs_of, sweep_markdown, time_table, variants_table,
+                    verdict_of)
 
 REPO_DIR = cache.REPO_DIR
 
@@ -242,6 +243,19 @@ def _summary(folder) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def sweep_section() -> str | None:
+    """The validation sweep the method comparison's settings (methods.TUNED) come from: its table
+    (report.sweep_markdown of TUNED_SWEEP) under a heading of RESULTS_PAGE, linking its sweep.md; None before the
+    sweep has run."""
+    path = REPO_DIR / TUNED_SWEEP
+    if not path.exists():
+        return None
+    body = sweep_markdown(json.loads(path.read_text())).split("\n\n", 2)[2]  # without its title and origin line
+    return (f"## The validation sweep: the settings of the method comparison\n\n_From `{TUNED_SWEEP}` "
+            f"([{path.name.replace('.json', '.md')}]({os.path.relpath(path.with_suffix('.md'), (REPO_DIR / RESULTS_PAGE).parent)})); "
+            f"`python reproduce.py sweep` reruns it._\n\n" + body)
+
+
 def results_page(summary: dict, methods: list, commands_md: str, results: Path, assets: Path, page_dir: Path,
                  source: str) -> str:
     """The text of the results page: the knob study of each regime (KNOB_RUNS), the method comparison of
@@ -264,6 +278,9 @@ def results_page(summary: dict, methods: list, commands_md: str, results: Path, 
             if fig.exists():
                 text += f"\n\n![the knob study]({os.path.relpath(fig, page_dir)})"
             parts.append(text + f"\n\n```bash\n{command}\n```")
+    sweep = sweep_section()
+    if sweep:
+        parts.append(sweep)
     parts.append("## The method comparison\n\n" + comparison_section(summary, methods, commands_md, assets, page_dir,
                                                                    source))
     for folder, heading, command in EXTRA_RUNS:
