@@ -152,7 +152,8 @@ METHODS = {
            "knob_share": dict(stage="softmax_dpo", start="sft", label="knob: sharing (rho=0.7)",
                               flags={**KNOB_START, "share_negatives": True, "rho": 0.7}),
            "knob_napo": dict(stage="softmax_dpo", start="sft", label="NAPO defaults (knob study)",
-                             flags={**{k: v for k, v in NAPO.items() if k != "learning_rate"}, "learning_rate": KNOB_LR}),
+                             flags={**{k: v for k, v in NAPO.items() if k not in TUNED["napo"]},  # NAPOConfig's
+                                    "beta": KNOB_START["beta"], "learning_rate": KNOB_LR}),  # not the tuned ones
            "knob_sdpo_ref": dict(stage="softmax_dpo", start="sft", label="S-DPO K=3 with reference (knob study)",
                                  flags={**KNOB_START, "num_negatives": 3, "reference": True}),
            "knob_dpo": dict(stage="dpo", start="sft", label="DPO (knob study)", flags=dict(learning_rate=KNOB_LR, beta=1.0)),

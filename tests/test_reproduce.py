@@ -497,3 +497,14 @@ def test_tuned_settings_are_the_committed_sweeps_choice():
     for m, fam in family.items():
         run = {k: v for k, v in reproduce.METHODS[m]["flags"].items() if k in reproduce.TUNED[fam]}
         assert run == reproduce.TUNED[fam], m
+
+
+def test_knob_rows_do_not_follow_the_tuned_settings():
+    """The knob study compares rows at one learning rate and beta (KNOB_START's), whatever the sweep chose: its
+    NAPO and DPO rows keep beta 1 and KNOB_LR even when TUNED says otherwise, and every knob row runs at KNOB_LR."""
+    knobs = {m: spec["flags"] for m, spec in reproduce.METHODS.items() if spec.get("group") == "knobs"}
+    assert len(knobs) == 16 and all(f["learning_rate"] == reproduce.KNOB_LR for f in knobs.values())
+    assert knobs["knob_napo"]["beta"] == knobs["knob_dpo"]["beta"] == reproduce.KNOB_START["beta"] == 1.0
+    assert {k: v for k, v in knobs["knob_napo"].items() if k not in ("beta", "learning_rate")} == \
+        {k: v for k, v in reproduce.NAPO.items() if k not in reproduce.TUNED["napo"]}
+    assert [m for m, f in knobs.items() if f.get("beta", 1.0) != 1.0] == ["knob_beta0.1", "knob_beta0.3", "knob_beta3"]
