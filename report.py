@@ -133,7 +133,7 @@ def runs_of(summary) -> list[dict]:
 def _predictions(settings, m, protocol="clean"):
     """The per-row predictions {index: row} of a method in one seed's run, as reproduce.plan lays out a run
     folder: <out>/<method>/eval_<protocol>/predictions.jsonl or, where that is absent (a fresh clone), the
-    committed per-row results <records>/<method>/eval_<protocol>.rows.json (reproduce.save_record)."""
+    committed per-row results <records>/<method>/eval_<protocol>.rows.json (records.save_record)."""
     path = REPO_DIR / settings["out"] / m / f"eval_{protocol}" / "predictions.jsonl"
     if path.exists():
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -25,8 +25,9 @@ the default under --quick: no 10 s import per stage). Outputs:
     results/sweep.json, results/sweep.md        the validation sweep (`reproduce.py sweep`) and its choices
     assets/*.png                                the plots (plots.py)
 
-This file plans and runs the stages and collects what they wrote into summary.json; report.py computes the
-statistics and verdicts from it and renders the tables and the results page (docs/results.md).
+This file plans and runs the stages and collects what they wrote into summary.json (records.py keeps each
+stage's committed copy; baselines.py evaluates the no-learning rows); report.py computes the statistics,
+verdicts and tables from it, results_page.py writes docs/results.md.
 
 A stage is skipped when its final output exists (napo_run.json / metrics.json / sasrec_config.json; all are
 written last and atomically) and was made by the same command; an interrupted run continues where it
@@ -53,10 +54,11 @@ from pathlib import Path
 import cache
 import cli
 import data_interface as di
-import metrics as M
 import report as R
 import results_page as RP
+from baselines import baseline
 from collect import combine_seeds, training_info
+from records import commit_record, read_json as _read_json, save_record
 from methods import (  # noqa: F401  (the table: the planner, the runner and the tests read it here)
     cli_value, select_sweep, sweep_candidates,
     DATASET, SEED, PROTOCOLS, SCALE, QUICK_SCALE, QUICK_MODEL, DEFAULT, STAGE_FUNCTIONS, STAGE_FLAGS,
@@ -364,13 +366,6 @@ def _stage_env(threads) -> dict:
     return env
 
 
-def _read_json(path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def stage_state(stage: Stage, out: Path, reran: set, records=None) -> str:
     """'done' (skip), 'stale' (output made by another command, or a dependency ran again), 'todo', or
     'recorded': the output is absent (a fresh clone: results/runs is not committed) but the committed record
@@ -433,46 +428,6 @@ def run_stage(stage: Stage, out: Path, isolate: bool, threads) -> float:
     if not (REPO_DIR / stage.done_file).exists():
         raise RuntimeError(f"finished without writing {stage.done_file}")
     return time.time() - t0
-
-
-def save_record(stage: Stage, rec: dict, records) -> None:
-    """Copy a finished stage's record into the committed folder `records` (<records>/<method>/stage_<name>.json,
-    written last, so its presence means the rest is there): the command, its wall time and the stage's small
-    outputs: an evaluation's metrics.json ("metrics") and, under the claims' protocol (`clean`), its per-row
-    results for the paired verdicts (<name>.rows.json: index, target_id, top1_id and the decoded ids, ~40-60 KB
-    for the 2,495 test rows, where predictions.jsonl, with every candidate's score, is ~2 MB); a training
-    stage's napo_run.json ("run": its options and log_history; the adapter stays uncommitted). Committed, these let a fresh clone skip the stage and still report it (collect)."""
-    done = _read_json(REPO_DIR / stage.done_file)
-    rec = dict(rec)
-    if stage.name != "train":  # an evaluation (test or the sweep's validation)
-        rec["metrics"] = done
-        preds = (REPO_DIR / stage.done_file).parent / "predictions.jsonl"
-        if preds.exists() and stage.name == f"eval_{PROTOCOLS[0]}":  # the claims' protocol: the paired verdicts
-            rows = [json.loads(line) for line in preds.read_text().splitlines() if line.strip()]
-            keys = [k for k in ROW_KEYS if rows and k in rows[0]]
-            cache.atomic_write_text(stage.rows_file(records), json.dumps(
-                {k: [r[k] for r in rows] for k in keys}, separators=(",", ":")) + "\n")
-    elif stage.name == "train" and stage.module != "sasrec":
-        rec["run"] = done
-    cache.atomic_write_text(stage.committed_file(records), json.dumps(rec, indent=1) + "\n")
-
-
-def commit_record(stage: Stage, records, seed) -> None:
-    """--commit_records: git-commit a stage's committed record (and its per-row results) the moment it is saved,
-    those files only (`git commit --only`: whatever else is staged or changed stays as it is), so a run on a
-    machine that goes away keeps every stage it finished. A failure (no git, a busy index) is a warning."""
-    files = [str(p) for p in (stage.committed_file(records), stage.rows_file(records)) if p.exists()]
-    cwd = Path(files[0]).parent
-    try:
-        for cmd in (["git", "add", "--", *files],
-                    ["git", "commit", "-q", "--only", "-m", f"records: {stage.key} (seed {seed})", "--", *files]):
-            subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True)
-    except (OSError, subprocess.CalledProcessError) as e:
-        why = (getattr(e, "stderr", None) or str(e)).strip().splitlines()
-        print(f"warning: could not commit the record of {stage.key}: {why[-1] if why else e}", flush=True)
-
-
-ROW_KEYS = ("index", "target_id", "top1_id", "generated_id", "constrained_id")  # per-row results committed
 
 
 @cli.document(HELP)
@@ -614,33 +569,6 @@ def sweep(families=None, quick: bool = False, base_model: str = "tiny", out: str
 
 # ==================================================================================================
 # Baselines that need no model (run as stages too, so they are timed and skipped like the others)
-
-
-@cli.document(HELP)
-def baseline(kind="most_popular", protocol="clean", dataset=DATASET, seed=SEED, test_rows=-1, output=None):
-    """Metrics of a rule on the test rows: `most_popular` (rank the candidates by train popularity, ties by
-    position) or `seeded_candidates` (recompute each candidate's sdpo negative set; pick the best
-    match — it needs no learning and reads the answer off the published candidate lists)."""
-    di.check_protocol(protocol)
-    catalog = di.load_catalog(dataset)
-    rows = di.eval_rows(catalog, "test", protocol, seed, test_rows)
-    pop = di.target_popularity(catalog)
-    cands, targets = [r["candidate_ids"] for r in rows], [r["target_id"] for r in rows]
-    t0 = time.time()
-    if kind == "most_popular":
-        res, _ = M.candidate_metrics([[float(pop[c]) for c in cs] for cs in cands], cands, targets, pop)
-    elif kind == "seeded_candidates":
-        split_rows = di.load_split(catalog, "test")
-        hr = di.seeded_candidate_heuristic(catalog, [split_rows[r["index"]] for r in rows], cands)
-        res = {"ranking": {"hr@1": hr}}
-    else:
-        raise di.DataError(f"--kind {kind!r}: choose most_popular or seeded_candidates")
-    res = {"n_rows": len(rows), "protocol": protocol, "split": "test", "model": kind, **res,
-           "seconds": round(time.time() - t0, 1)}
-    if output:
-        cache.atomic_write_text(output, json.dumps(res, indent=2) + "\n")
-    print(f"{kind} [{protocol}] n={len(rows)} hr@1 {res['ranking']['hr@1']:.4f}")
-    return res
 
 
 # ==================================================================================================
@@ -829,7 +757,7 @@ def commands(quick: bool = False, base_model: str = "tiny", out: str = None, sft
 
 
 COMMANDS = {"run": run, "sweep": sweep, "report": report, "readme": readme, "commands": commands,
-            "baseline": baseline}
+            "baseline": cli.document(HELP)(baseline)}
 
 if __name__ == "__main__":
     cli.run({name: cli.validated(fn) for name, fn in COMMANDS.items()}, default="run")
